@@ -1,0 +1,15 @@
+// The one piece of the shim that is a function body: sigaction's handler is a union member
+// that Swift cannot set portably.
+#include "CKVM.h"
+#include <string.h>
+
+static void ckvm_kick_handler(int signal_number) { (void)signal_number; }
+
+int ckvm_install_kick_handler(int signal_number) {
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = ckvm_kick_handler;
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = 0; // no SA_RESTART: KVM_RUN must come back with EINTR
+    return sigaction(signal_number, &action, NULL);
+}

@@ -1,0 +1,234 @@
+import CKVM
+import Foundation
+import KVM
+import Synchronization
+
+/// A running virtual machine: KVM VM and vCPUs, guest memory, devices, vCPU threads and the
+/// run state.
+///
+/// Built from a `MachineConfiguration`; `start()` launches the vCPU threads (paused with `-S`);
+/// `pause()` returns only when every vCPU is out of KVM_RUN; `waitUntilEnded()` blocks until
+/// the guest resets, shuts down, fails, or the user quits.
+public final class Machine: @unchecked Sendable {
+    // Sendable: fixed after init except `threads` (set once in start) and the mutex-guarded state.
+    public let configuration: MachineConfiguration
+    public let hostFlavor: KVMHostFlavor
+    public let memory: GuestMemory
+    public let bootPlan: BootPlan
+    let system: KVMSystem
+    let virtualMachine: VirtualMachine
+    let vcpus: [VCPU]
+    let bus: PortIOBus
+    let serial: Serial16550
+    let console: SerialConsole
+    private var threads: [VCPUThread] = []
+
+    struct LifecycleState {
+        var runState: RunState
+        var ending: MachineEnding?
+    }
+    private let lifecycle: Mutex<LifecycleState>
+    private let endingCondition = NSCondition()
+    /// Called on every run-state change (the QMP layer turns these into events).
+    public let runStateChanges = RunStateObservers()
+
+    /// The guest-physical addresses KVM needs for its real-mode helpers, in the hole below 4 GiB.
+    static let tssAddress: UInt64 = 0xfffb_d000
+    static let identityMapAddress: UInt64 = 0xfffb_c000
+
+    public init(configuration: MachineConfiguration) throws(MachineError) {
+        self.configuration = configuration
+        self.hostFlavor = KVMHostFlavor.detect()
+        guard (1...MachineConfiguration.maximumCPUCount).contains(configuration.cpuCount) else {
+            throw .invalidConfiguration("-smp \(configuration.cpuCount): tern runs 1 to \(MachineConfiguration.maximumCPUCount) vCPUs")
+        }
+        guard configuration.memorySize >= MachineConfiguration.minimumMemorySize else {
+            throw .invalidConfiguration("-m \(configuration.memorySize >> 20)M: tern needs at least \(MachineConfiguration.minimumMemorySize >> 20) MiB")
+        }
+
+        let system: KVMSystem
+        do {
+            system = try KVMSystem(path: configuration.kvmDevicePath)
+        } catch {
+            throw .kvmUnavailable(path: configuration.kvmDevicePath, reason: String(cString: strerror(error.errno)))
+        }
+        self.system = system
+        do {
+            let version = try system.apiVersion()
+            guard version == KVMSystem.expectedAPIVersion else { throw MachineError.kvmAPIVersion(version) }
+        } catch let error as MachineError {
+            throw error
+        } catch {
+            throw .kvm(error as! KVMError)
+        }
+        for capability in KVMCapability.required where system.checkExtension(capability) == 0 {
+            throw .missingCapability(capability)
+        }
+
+        do {
+            let vm = try system.createVirtualMachine()
+            self.virtualMachine = vm
+            // Order matters: these three before any vCPU exists.
+            try vm.setTSSAddress(Self.tssAddress)
+            try vm.setIdentityMapAddress(Self.identityMapAddress)
+            try vm.createInterruptController()
+            try vm.createProgrammableIntervalTimer()
+        } catch {
+            throw .kvm(error)
+        }
+
+        let layout = GuestMemoryLayout(ramSize: configuration.memorySize)
+        do { self.memory = try GuestMemory(layout: layout) } catch { throw .memory(error) }
+        do {
+            for region in layout.regions {
+                try virtualMachine.setUserMemoryRegion(
+                    slot: region.slot, guestPhysicalAddress: region.guestAddress.rawValue, size: region.size,
+                    hostAddress: memory.hostBase + Int(region.hostOffset), logDirtyPages: false)
+            }
+        } catch {
+            throw .kvm(error)
+        }
+
+        do { try LongModeSetup.writeTables(into: memory) } catch { throw .memory(error) }
+        switch configuration.boot {
+        case let .builtinGuest(arguments):
+            self.bootPlan = try BuiltinGuestLoader.load(arguments: arguments, into: memory)
+        case let .linux(kernelPath, initrdPath, arguments):
+            self.bootPlan = try LinuxLoader.load(kernelPath: kernelPath, initrdPath: initrdPath, arguments: arguments,
+                                                 cpuCount: configuration.cpuCount, into: memory)
+        }
+
+        let console = try SerialConsole(backend: configuration.serial)
+        self.console = console
+        let vm = virtualMachine
+        self.serial = Serial16550(
+            output: { console.write($0) },
+            interruptLine: { level in try? vm.setInterruptLine(Serial16550.com1Interrupt, high: level) })
+        self.lifecycle = Mutex(LifecycleState(runState: configuration.startPaused ? .prelaunch : .running))
+
+        var bus = PortIOBus()
+        bus.map(base: Serial16550.com1Base, count: 8, to: serial)
+        // The reset line: resolved through a box because `self` is not complete yet.
+        let resetTarget = WeakMachineReference()
+        bus.map(base: I8042Controller.dataPort, count: I8042Controller.portCount, to: I8042Controller {
+            resetTarget.machine?.end(.guestReset(reason: "the guest pulsed the keyboard controller's reset line"))
+        })
+        self.bus = bus
+
+        do {
+            let supported = try system.supportedCPUID()
+            let template = CPUIDTemplate(supported: supported, cpuCount: configuration.cpuCount,
+                                         exposeInvariantTSC: configuration.exposeInvariantTSC)
+            if configuration.exposeInvariantTSC && !template.hostHasInvariantTSC {
+                throw MachineError.invariantTSCUnavailable
+            }
+            var vcpus: [VCPU] = []
+            for index in 0..<configuration.cpuCount {
+                let vcpu = try virtualMachine.createVCPU(id: UInt32(index))
+                try VCPUSetup.configure(vcpu, index: index, cpuid: template, plan: bootPlan,
+                                        cpuCount: configuration.cpuCount)
+                vcpus.append(vcpu)
+            }
+            self.vcpus = vcpus
+        } catch let error as MachineError {
+            throw error
+        } catch {
+            throw .kvm(error as! KVMError)
+        }
+        resetTarget.machine = self
+    }
+
+    /// Launches one thread per vCPU; they run at once unless the machine was created paused.
+    public func start() {
+        let paused = !runState.isRunning
+        threads = vcpus.map { vcpu in
+            VCPUThread(vcpu: vcpu, startPaused: paused) { [unowned self] vcpu, exit in
+                self.handle(exit, on: vcpu)
+            }
+        }
+        threads.forEach { $0.start() }
+        console.startInput(to: serial) { [weak self] in
+            self?.end(.userQuit(reason: "Ctrl-A x on the console"))
+        }
+    }
+
+    public var runState: RunState {
+        lifecycle.withLock { $0.runState }
+    }
+
+    /// How the machine ended, once it has.
+    public var ending: MachineEnding? {
+        lifecycle.withLock { $0.ending }
+    }
+
+    /// Stops every vCPU and returns when all are outside KVM_RUN. No effect unless running.
+    public func pause() {
+        let changed = lifecycle.withLock { state -> Bool in
+            guard state.runState == .running else { return false }
+            state.runState = .paused
+            return true
+        }
+        guard changed else { return }
+        threads.forEach { $0.pause() }
+        runStateChanges.notify(.paused)
+    }
+
+    /// Lets paused vCPUs run again. No effect unless paused or in prelaunch.
+    public func resume() {
+        let changed = lifecycle.withLock { state -> Bool in
+            guard state.runState == .paused || state.runState == .prelaunch else { return false }
+            state.runState = .running
+            return true
+        }
+        guard changed else { return }
+        threads.forEach { $0.resume() }
+        runStateChanges.notify(.running)
+    }
+
+    /// Ends the machine for good: records why (the first reason wins), stops every vCPU thread
+    /// and wakes `waitUntilEnded`. Safe from any thread, including a vCPU thread.
+    public func end(_ ending: MachineEnding) {
+        let newState: RunState = if case .internalError = ending { .internalError } else { .shutdown }
+        let first = lifecycle.withLock { state -> Bool in
+            guard state.ending == nil else { return false }
+            state.ending = ending
+            state.runState = newState
+            return true
+        }
+        guard first else { return }
+        runStateChanges.notify(newState)
+        endingCondition.lock()
+        endingCondition.broadcast()
+        endingCondition.unlock()
+    }
+
+    /// Blocks until the machine ends, then stops the vCPU threads and restores the terminal.
+    public func waitUntilEnded() -> MachineEnding {
+        endingCondition.lock()
+        while ending == nil { endingCondition.wait() }
+        endingCondition.unlock()
+        threads.forEach { $0.stop() }
+        console.restoreTerminal()
+        return ending!
+    }
+}
+
+/// Lets a device built during `Machine.init` reach the machine once init has finished.
+final class WeakMachineReference: @unchecked Sendable {
+    // Sendable: written once at the end of Machine.init, before any vCPU runs.
+    weak var machine: Machine?
+}
+
+/// A list of callbacks for run-state changes.
+public final class RunStateObservers: Sendable {
+    private let observers = Mutex<[@Sendable (RunState) -> Void]>([])
+
+    public func add(_ observer: @escaping @Sendable (RunState) -> Void) {
+        observers.withLock { $0.append(observer) }
+    }
+
+    func notify(_ state: RunState) {
+        let current = observers.withLock { $0 }
+        current.forEach { $0(state) }
+    }
+}

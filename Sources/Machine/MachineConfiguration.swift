@@ -1,0 +1,38 @@
+/// Where the guest's COM1 goes.
+public enum SerialBackend: Equatable, Sendable {
+    /// tern's standard output, and standard input typed into the guest.
+    case stdio
+    /// Appended to a file.
+    case file(path: String)
+    /// Discarded.
+    case none
+}
+
+/// What to boot.
+public enum BootSource: Equatable, Sendable {
+    /// The built-in test guest, with its `-append` parameters (wss=, rate=, pattern=).
+    case builtinGuest(arguments: String)
+    /// A Linux bzImage with an optional initrd and extra kernel arguments.
+    case linux(kernelPath: String, initrdPath: String?, arguments: String?)
+}
+
+/// Everything needed to build a machine; the command line produces one of these.
+public struct MachineConfiguration: Equatable, Sendable {
+    public var memorySize: UInt64 = 512 << 20
+    public var cpuCount: Int = 1
+    public var boot: BootSource = .builtinGuest(arguments: "")
+    public var serial: SerialBackend = .stdio
+    /// `-S`: create the machine paused (`prelaunch`).
+    public var startPaused = false
+    public var name: String?
+    /// `-cpu host,+invtsc`: expose the invariant TSC (and so block migration later).
+    public var exposeInvariantTSC = false
+    public var kvmDevicePath = "/dev/kvm"
+
+    /// The most vCPUs tern starts (the MP table numbers APIC ids in one byte).
+    public static let maximumCPUCount = 64
+    /// Guest RAM must hold the boot structures, the built-in guest and its tables.
+    public static let minimumMemorySize: UInt64 = 32 << 20
+
+    public init() {}
+}

@@ -1,0 +1,137 @@
+import CKVM
+import Foundation
+import KVM
+
+/// What the machine decides after a vCPU exit.
+enum ExitDisposition {
+    /// Enter the guest again.
+    case resume
+    /// Park this vCPU for good (the machine is ending).
+    case stop
+}
+
+/// The thread that owns one vCPU and runs `KVM_RUN` in a loop.
+///
+/// Other threads never touch the vCPU; they ask this thread to pause, resume or stop.
+/// A pause request sets `kvm_run.immediate_exit` and sends `kickSignal` to the thread, so a
+/// guest inside KVM_RUN comes out at once and one about to enter does not go in; `pause()`
+/// returns only when the thread is parked outside KVM_RUN.
+final class VCPUThread: @unchecked Sendable {
+    // Sendable: all mutable fields are guarded by `condition`.
+    enum Request { case run, pause, stop }
+
+    static let kickSignal = SIGUSR2
+
+    let vcpu: VCPU
+    private let condition = NSCondition()
+    private var request: Request
+    private var parked = false
+    private var finished = false
+    private var threadID: pthread_t?
+    private let handleExit: @Sendable (VCPU, VCPUExit) -> ExitDisposition
+
+    init(vcpu: VCPU, startPaused: Bool, handleExit: @escaping @Sendable (VCPU, VCPUExit) -> ExitDisposition) {
+        self.vcpu = vcpu
+        self.request = startPaused ? .pause : .run
+        self.handleExit = handleExit
+    }
+
+    /// Installs the no-op kick handler once per process.
+    static let installKickHandler: Void = {
+        _ = ckvm_install_kick_handler(kickSignal)
+    }()
+
+    func start() {
+        _ = Self.installKickHandler
+        let thread = Thread { [self] in self.main() }
+        thread.name = "vcpu\(vcpu.id)"
+        thread.stackSize = 1 << 20
+        thread.start()
+        condition.lock()
+        while threadID == nil { condition.wait() }
+        condition.unlock()
+    }
+
+    private func main() {
+        condition.lock()
+        threadID = pthread_self()
+        condition.broadcast()
+        condition.unlock()
+
+        loop: while true {
+            condition.lock()
+            while request == .pause {
+                parked = true
+                condition.broadcast()
+                condition.wait()
+            }
+            parked = false
+            if request == .stop {
+                condition.unlock()
+                break loop
+            }
+            // Cleared under the lock: a pause requested after this point sets it again.
+            vcpu.requestImmediateExit(false)
+            condition.unlock()
+
+            let exit: VCPUExit
+            do {
+                exit = try vcpu.run()
+            } catch {
+                exit = .internalError(suberror: UInt32.max, data: [UInt64(error.errno)])
+            }
+            if case .interrupted = exit { continue }
+            if handleExit(vcpu, exit) == .stop { break loop }
+        }
+
+        condition.lock()
+        finished = true
+        parked = true
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    private func kick() {
+        vcpu.requestImmediateExit(true)
+        if let threadID, !finished { pthread_kill(threadID, Self.kickSignal) }
+    }
+
+    /// Asks the vCPU to leave KVM_RUN and waits until it has.
+    func pause() {
+        condition.lock()
+        if request == .run { request = .pause }
+        kick()
+        while !parked {
+            // The signal can land just before the thread enters KVM_RUN's wait; kick again.
+            if !condition.wait(until: Date().addingTimeInterval(0.01)) { kick() }
+        }
+        condition.unlock()
+    }
+
+    /// Lets a paused vCPU run again.
+    func resume() {
+        condition.lock()
+        if request == .pause { request = .run }
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    /// Stops the thread for good and waits for it to leave KVM_RUN.
+    func stop() {
+        condition.lock()
+        request = .stop
+        condition.broadcast()
+        kick()
+        while !finished {
+            if !condition.wait(until: Date().addingTimeInterval(0.01)) { kick() }
+        }
+        condition.unlock()
+    }
+
+    /// Whether the thread is parked outside KVM_RUN.
+    var isParked: Bool {
+        condition.lock()
+        defer { condition.unlock() }
+        return parked
+    }
+}

@@ -1,0 +1,67 @@
+/// The text of `tern --help` and `tern run --help`: the manual for the command line.
+public enum HelpText {
+    public static let version = "0.1.0"
+
+    public static let overview = """
+    tern \(version): a KVM virtual machine monitor with QEMU-compatible live migration.
+
+    Usage: tern <command> [options]
+
+    Commands:
+      run [options]        Start a virtual machine (QEMU's option spellings; see 'tern run --help').
+                           With no -kernel it runs tern's built-in test guest.
+      guest-image FILE     Write the built-in test guest as a standalone image that
+                           'qemu-system-x86_64 -kernel FILE' also boots (multiboot).
+      help [command]       Show this text, or a command's.
+
+    Options:
+      -h, --help           Show this text.
+      --version            Print tern's version.
+
+    Examples:
+      tern run -m 512M -append "wss=64M rate=32M"      built-in guest dirtying 32 MiB/s
+      tern run -m 1G -smp 2 -kernel /boot/vmlinuz -initrd initrd.img -append "quiet"
+      tern guest-image /tmp/tern-guest.bin
+
+    """
+
+    public static let run = """
+    Usage: tern run [options]
+
+    Starts a virtual machine on /dev/kvm and runs it until the guest resets or powers off
+    (exit status 0), KVM cannot continue it (status 1), or you quit (Ctrl-A x on the console,
+    or SIGINT/SIGTERM). Options use QEMU's spellings, with one dash or two.
+
+    Machine:
+      -m SIZE              Guest RAM: 512 (MiB), 512M, 2G. Default 512M. RAM is reserved
+                           lazily, so a large -m costs nothing until the guest uses it.
+                           RAM above 3G is placed above 4G, leaving the PCI hole.
+      -smp N               Number of vCPUs, 1 to 64 (also cpus=N[,sockets=..,cores=..]).
+      -cpu host[,+invtsc]  The host CPU (the only model). +invtsc exposes the invariant TSC.
+      -machine accel=kvm   Accepted for QEMU compatibility; tern only runs on KVM.
+      -accel kvm, -enable-kvm   The same.
+      -name NAME           A name for the machine (shown by QMP later).
+      -S                   Do not start the vCPUs: the machine waits in 'prelaunch'.
+
+    Boot:
+      -kernel FILE         A Linux bzImage, booted through the 64-bit boot protocol.
+                           Without -kernel, tern runs its built-in test guest.
+      -initrd FILE         An initial ramdisk for -kernel.
+      -append TEXT         For Linux: arguments added after tern's defaults
+                           (console=ttyS0 reboot=k panic=1 pci=off acpi=off i8042.*),
+                           so yours win. For the built-in guest: its parameters,
+                           wss=SIZE (working set, default 64M), rate=SIZE (bytes dirtied
+                           per second, 0 = idle, default 0), pattern=random|zero.
+
+    Console:
+      -serial stdio        COM1 on this terminal (the default): the guest's output, and your
+                           keys to the guest. Ctrl-A x quits; Ctrl-A Ctrl-A sends Ctrl-A.
+      -serial file:PATH    COM1 output appended to PATH.
+      -serial none         No console.
+      -nographic, -display none   Accepted: tern has no display.
+      -nodefaults          No default devices: without -serial, COM1 goes nowhere.
+      -no-user-config, -no-reboot  Accepted: tern reads no config file and never reboots a
+                           guest (a guest reset ends tern with status 0).
+
+    """
+}

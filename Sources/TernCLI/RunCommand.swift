@@ -1,0 +1,62 @@
+import Dispatch
+import Foundation
+import KVM
+import Machine
+
+/// `tern run`: build the machine, start it, wait for it to end.
+public enum RunCommand {
+    public static func main(arguments: [String]) -> Int32 {
+        let options: RunOptions
+        do {
+            options = try RunOptions(arguments: arguments)
+        } catch {
+            printError(error.message)
+            return 2
+        }
+        if options.showHelp {
+            print(HelpText.run, terminator: "")
+            return 0
+        }
+        if let advisory = KVMHostFlavor.detect().advisory, case .linux = options.configuration.boot {
+            printError("note: \(advisory)")
+        }
+        let machine: Machine
+        do {
+            machine = try Machine(configuration: options.configuration)
+        } catch {
+            printError(error.description)
+            return 1
+        }
+        let signalSources = installTerminationHandlers(machine)
+        machine.start()
+        let ending = machine.waitUntilEnded()
+        signalSources.forEach { $0.cancel() }
+        switch ending {
+        case let .internalError(message):
+            printError("the guest stopped: \(message)")
+        case let .guestReset(reason):
+            printError("guest reset: \(reason); exiting")
+        case let .guestShutdown(reason), let .userQuit(reason):
+            printError("exiting: \(reason)")
+        }
+        return ending.exitStatus
+    }
+
+    /// SIGINT and SIGTERM end the machine cleanly (terminal restored, status 0).
+    static func installTerminationHandlers(_ machine: Machine) -> [any DispatchSourceSignal] {
+        [SIGINT, SIGTERM, SIGHUP].map { number in
+            signal(number, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
+            source.setEventHandler {
+                machine.end(.userQuit(reason: "received signal \(number)"))
+            }
+            source.resume()
+            return source
+        }
+    }
+}
+
+/// Prints `tern: MESSAGE` on standard error.
+func printError(_ message: String) {
+    FileHandle.standardError.write(Data("tern: \(message)\n".utf8))
+}

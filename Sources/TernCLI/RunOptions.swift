@@ -1,0 +1,171 @@
+import Machine
+
+/// `tern run`'s options, parsed from QEMU's spellings into a `MachineConfiguration`.
+///
+/// Options take one dash or two (`-m` and `--m`), and a value either as the next argument or
+/// after `=` (`-m=512M`), as QEMU allows. An option tern does not know is an error naming it.
+public struct RunOptions: Equatable {
+    public var configuration = MachineConfiguration()
+    public var showHelp = false
+
+    /// Options that take a value.
+    static let valued: Set<String> = [
+        "m", "smp", "kernel", "initrd", "append", "serial", "name", "display", "machine", "M", "accel", "cpu",
+    ]
+    /// Options without a value.
+    static let flags: Set<String> = [
+        "S", "nographic", "nodefaults", "no-user-config", "enable-kvm", "no-reboot", "h", "help",
+    ]
+
+    public init() {}
+
+    public init(arguments: [String]) throws(CommandLineError) {
+        var serial: SerialBackend?
+        var noDefaults = false
+        var kernel: String?
+        var initrd: String?
+        var append: String?
+        var index = 0
+        while index < arguments.count {
+            let argument = arguments[index]
+            index += 1
+            guard argument.hasPrefix("-"), argument.count > 1 else {
+                throw CommandLineError("tern run: unexpected argument '\(argument)' (options start with '-'; see tern run --help)")
+            }
+            var name = String(argument.drop(while: { $0 == "-" }))
+            var inlineValue: String?
+            if let equals = name.firstIndex(of: "="), Self.valued.contains(String(name[..<equals])) {
+                inlineValue = String(name[name.index(after: equals)...])
+                name = String(name[..<equals])
+            }
+            if Self.flags.contains(name) {
+                switch name {
+                case "S": configuration.startPaused = true
+                case "nodefaults": noDefaults = true
+                case "h", "help": showHelp = true
+                default: break // -nographic, -no-user-config, -enable-kvm, -no-reboot: tern's only behaviour
+                }
+                continue
+            }
+            guard Self.valued.contains(name) else {
+                throw CommandLineError("tern run: unknown option '\(argument)' (see tern run --help)")
+            }
+            let value: String
+            if let inlineValue {
+                value = inlineValue
+            } else {
+                guard index < arguments.count else {
+                    throw CommandLineError("tern run: option '\(argument)' needs a value")
+                }
+                value = arguments[index]
+                index += 1
+            }
+            switch name {
+            case "m": configuration.memorySize = try Self.memorySize(value)
+            case "smp": configuration.cpuCount = try Self.cpuCount(value)
+            case "kernel": kernel = value
+            case "initrd": initrd = value
+            case "append": append = value
+            case "serial": serial = try Self.serialBackend(value)
+            case "name": configuration.name = value.hasPrefix("guest=") ? String(value.dropFirst(6)).components(separatedBy: ",")[0] : value
+            case "display":
+                guard value == "none" else {
+                    throw CommandLineError("tern run: -display \(value): tern has no display; only '-display none' is accepted")
+                }
+            case "machine", "M": try Self.checkMachine(value)
+            case "accel":
+                guard value == "kvm" else { throw CommandLineError("tern run: -accel \(value): tern runs only on KVM") }
+            case "cpu": configuration.exposeInvariantTSC = try Self.cpuModel(value)
+            default: break
+            }
+        }
+        // QEMU's default serial port is the terminal; -nodefaults removes it unless -serial is given.
+        configuration.serial = serial ?? (noDefaults ? .none : .stdio)
+        if let kernel {
+            configuration.boot = .linux(kernelPath: kernel, initrdPath: initrd, arguments: append)
+        } else {
+            if initrd != nil {
+                throw CommandLineError("tern run: -initrd needs -kernel (the built-in guest takes no initrd)")
+            }
+            configuration.boot = .builtinGuest(arguments: append ?? "")
+        }
+    }
+
+    static func memorySize(_ value: String) throws(CommandLineError) -> UInt64 {
+        let text = value.hasPrefix("size=") ? String(value.dropFirst(5)) : value
+        guard let size = SizeParser.parse(text, defaultUnit: 1 << 20), size > 0 else {
+            throw CommandLineError("tern run: -m \(value): not a memory size (examples: 512, 512M, 2G)")
+        }
+        guard size >= MachineConfiguration.minimumMemorySize else {
+            throw CommandLineError("tern run: -m \(value): tern needs at least \(MachineConfiguration.minimumMemorySize >> 20) MiB")
+        }
+        guard size % 4096 == 0 else {
+            throw CommandLineError("tern run: -m \(value): the size must be a multiple of 4 KiB")
+        }
+        return size
+    }
+
+    static func cpuCount(_ value: String) throws(CommandLineError) -> Int {
+        // Accept "N", "cpus=N", and "N,maxcpus=N"-style lists whose other keys agree.
+        var count: Int?
+        for (position, part) in value.split(separator: ",").enumerated() {
+            if position == 0, let number = Int(part) { count = number; continue }
+            let pair = part.split(separator: "=", maxSplits: 1).map(String.init)
+            guard pair.count == 2, let number = Int(pair[1]) else {
+                throw CommandLineError("tern run: -smp \(value): expected a number of vCPUs, e.g. -smp 2")
+            }
+            switch pair[0] {
+            case "cpus", "maxcpus": count = number
+            case "sockets", "cores", "threads", "dies":
+                guard number >= 1 else { throw CommandLineError("tern run: -smp \(value): \(pair[0]) must be at least 1") }
+            default:
+                throw CommandLineError("tern run: -smp \(value): unknown key '\(pair[0])'")
+            }
+        }
+        guard let count, (1...MachineConfiguration.maximumCPUCount).contains(count) else {
+            throw CommandLineError("tern run: -smp \(value): tern runs 1 to \(MachineConfiguration.maximumCPUCount) vCPUs")
+        }
+        return count
+    }
+
+    static func serialBackend(_ value: String) throws(CommandLineError) -> SerialBackend {
+        switch value {
+        case "stdio", "mon:stdio": return .stdio
+        case "none", "null": return .none
+        default:
+            if value.hasPrefix("file:"), value.count > 5 { return .file(path: String(value.dropFirst(5))) }
+            throw CommandLineError("tern run: -serial \(value): expected stdio, file:PATH or none")
+        }
+    }
+
+    static func checkMachine(_ value: String) throws(CommandLineError) {
+        for part in value.split(separator: ",") {
+            switch part {
+            case "accel=kvm", "pc", "q35", "microvm", "type=pc", "type=q35", "type=microvm":
+                continue
+            default:
+                if part.hasPrefix("accel=") {
+                    throw CommandLineError("tern run: -machine \(value): tern runs only on KVM (accel=kvm)")
+                }
+                throw CommandLineError("tern run: -machine \(value): tern accepts only accel=kvm")
+            }
+        }
+    }
+
+    /// Returns whether the invariant TSC is requested.
+    static func cpuModel(_ value: String) throws(CommandLineError) -> Bool {
+        let parts = value.split(separator: ",")
+        guard parts.first == "host" || parts.first == "max" else {
+            throw CommandLineError("tern run: -cpu \(value): tern passes the host CPU through; use -cpu host")
+        }
+        var invariantTSC = false
+        for flag in parts.dropFirst() {
+            switch flag {
+            case "+invtsc", "invtsc=on", "invtsc=true": invariantTSC = true
+            case "-invtsc", "invtsc=off", "invtsc=false": invariantTSC = false
+            default: throw CommandLineError("tern run: -cpu \(value): unknown CPU flag '\(flag)' (tern knows invtsc)")
+            }
+        }
+        return invariantTSC
+    }
+}

@@ -1,0 +1,32 @@
+import Foundation
+
+/// The `tern` command: dispatches to a subcommand.
+public enum Tern {
+    public static func main(arguments: [String]) -> Int32 {
+        signal(SIGPIPE, SIG_IGN) // a closed console pipe is an error return, not a kill
+        guard let command = arguments.first else {
+            print(HelpText.overview, terminator: "")
+            return 2
+        }
+        let rest = Array(arguments.dropFirst())
+        switch command {
+        case "run":
+            return RunCommand.main(arguments: rest)
+        case "guest-image":
+            return GuestImageCommand.main(arguments: rest)
+        case "help", "-h", "--help", "-help":
+            switch rest.first {
+            case "run": print(HelpText.run, terminator: "")
+            case "guest-image": print(GuestImageCommand.usage, terminator: "")
+            default: print(HelpText.overview, terminator: "")
+            }
+            return 0
+        case "--version", "-version", "version":
+            print("tern \(HelpText.version)")
+            return 0
+        default:
+            printError("unknown command '\(command)' (commands: run, guest-image, help; see tern --help)")
+            return 2
+        }
+    }
+}

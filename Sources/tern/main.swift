@@ -1,0 +1,4 @@
+import Foundation
+import TernCLI
+
+exit(Tern.main(arguments: Array(CommandLine.arguments.dropFirst())))
