@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Builds tern's built-in test guest from guest/tern-guest.S (see guest/README.md):
 #   OUTDIR/tern-guest.bin            the flat image, loaded at guest-physical 0x100000
-#   OUTDIR/BuiltinGuestImage.swift   the same bytes as a Swift array
-# Usage: guest/build.sh [OUTDIR]      (OUTDIR defaults to guest/)
+#   SWIFTDIR/BuiltinGuestImage.swift the same bytes as a Swift array
+# Usage: guest/build.sh [OUTDIR [SWIFTDIR]]  (OUTDIR defaults to guest/, SWIFTDIR to
+#        Sources/Machine/, where tern compiles the image in)
 # Needs GNU binutils (as, ld, objcopy) and od/awk.  The output depends only on the
 # source and the binutils version: no timestamps, no build id, no paths.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 outdir="${1:-$here}"
-mkdir -p "$outdir"
+swiftdir="${2:-$here/../Sources/Machine}"
+mkdir -p "$outdir" "$swiftdir"
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -58,7 +60,7 @@ mv "$outdir/tern-guest.bin.new" "$outdir/tern-guest.bin"
         }'
     echo '    ]'
     echo '}'
-} > "$outdir/BuiltinGuestImage.swift.new"
-mv "$outdir/BuiltinGuestImage.swift.new" "$outdir/BuiltinGuestImage.swift"
+} > "$swiftdir/BuiltinGuestImage.swift.new"
+mv "$swiftdir/BuiltinGuestImage.swift.new" "$swiftdir/BuiltinGuestImage.swift"
 
 printf '%s/tern-guest.bin: %d bytes, entry64 at 0x%x\n' "$outdir" "$size" "$((16#$entry64))" >&2

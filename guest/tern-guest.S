@@ -57,6 +57,10 @@
  *   rate=SIZE       bytes per second dirtied, over all CPUs; 0 = idle (default)
  *   pattern=random  page bodies are pseudo-random, incompressible (default)
  *   pattern=zero    page bodies are zero
+ *   reboot=N        after N pass lines, print "tern-guest: reboot" and pulse
+ *                   the reset line through the keyboard controller (port
+ *                   0x64, command 0xFE), as Linux's reboot=k does; tern then
+ *                   exits with status 0 (QEMU resets, or exits with -no-reboot)
  *   SIZE is a decimal number with an optional suffix K, M or G (powers of 1024).
  *
  * PAGE FORMAT
@@ -148,6 +152,7 @@
         .equ CB_NCPUS,          0x38
         .equ CB_FILLED,         0x40            /* CPUs done with the first fill */
         .equ CB_CORRUPT,        0x48            /* corrupt pages found */
+        .equ CB_REBOOT,         0x50            /* reset after this many pass lines; 0 = never */
         .equ CB_PERCPU,         0x100           /* one cache line per CPU: */
         .equ PC_WRITTEN,        0x00            /*   pages rewritten (paced) */
         .equ PC_SWEEPS,         0x08            /*   complete verification sweeps */
@@ -546,7 +551,18 @@ parse_cmdline:
         mov %rax, CB + CB_RATE
         jmp .Lp_next
 
-2:      lea str_pattern(%rip), %rdi
+2:      lea str_reboot(%rip), %rdi
+        call starts_with
+        test %rax, %rax
+        jz 5f
+        mov %rax, %rsi
+        call parse_size
+        test %edx, %edx
+        jz .Lp_next
+        mov %rax, CB + CB_REBOOT
+        jmp .Lp_next
+
+5:      lea str_pattern(%rip), %rdi
         call starts_with
         test %rax, %rax
         jz .Lp_next
@@ -1039,7 +1055,24 @@ pass_line:
 5:      mov %rsp, %rsi
         call send_line
         add $LINE_BUF, %rsp
-        pop %r13
+
+        mov CB + CB_REBOOT, %rax        /* reboot=N: reset after the Nth line */
+        test %rax, %rax
+        jz 6f
+        cmp F_PASS(%rbp), %rax
+        ja 6f
+        sub $LINE_BUF, %rsp
+        mov %rsp, %rdi
+        lea msg_reboot(%rip), %rsi
+        call put_str
+        mov %rsp, %rsi
+        call send_line
+        add $LINE_BUF, %rsp
+        mov $0xfe, %al                  /* i8042: pulse the CPU reset line */
+        out %al, $0x64
+7:      pause                           /* the reset takes effect outside the guest */
+        jmp 7b
+6:      pop %r13
         pop %rbx
         ret
 
@@ -1272,6 +1305,8 @@ uart_putc:
 str_wss:                .asciz "wss="
 str_rate:               .asciz "rate="
 str_pattern:            .asciz "pattern="
+str_reboot:             .asciz "reboot="
+msg_reboot:             .asciz "tern-guest: reboot"
 str_random:             .asciz "random"
 str_zero:               .asciz "zero"
 msg_start:              .asciz "tern-guest: start cpus "
