@@ -13,3 +13,10 @@ int ckvm_install_kick_handler(int signal_number) {
     action.sa_flags = 0; // no SA_RESTART: KVM_RUN must come back with EINTR
     return sigaction(signal_number, &action, NULL);
 }
+
+int ckvm_unblock_signal(int signal_number) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, signal_number);
+    return pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+}

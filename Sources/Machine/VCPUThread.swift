@@ -53,6 +53,7 @@ final class VCPUThread: @unchecked Sendable {
     }
 
     private func main() {
+        _ = ckvm_unblock_signal(Self.kickSignal)
         condition.lock()
         threadID = pthread_self()
         condition.broadcast()

@@ -4,10 +4,13 @@ import Testing
 
 @Suite("Command line")
 struct CommandLineTests {
-    @Test("sizes in QEMU's spellings", arguments: [
-        ("512", UInt64(512) << 20), ("512M", 512 << 20), ("2G", 2 << 30), ("2g", 2 << 30),
-        ("64MiB", 64 << 20), ("1024K", 1 << 20), ("1T", 1 << 40),
-    ])
+    static let mebibyte: UInt64 = 1 << 20
+    static let sizes: [(String, UInt64)] = [
+        ("512", 512 * mebibyte), ("512M", 512 * mebibyte), ("2G", 2048 * mebibyte), ("2g", 2048 * mebibyte),
+        ("64MiB", 64 * mebibyte), ("65536K", 64 * mebibyte), ("1T", 1024 * 1024 * mebibyte),
+    ]
+
+    @Test("sizes in QEMU's spellings", arguments: sizes)
     func memorySizes(text: String, expected: UInt64) throws {
         #expect(try RunOptions(arguments: ["-m", text]).configuration.memorySize == expected)
     }

@@ -127,6 +127,10 @@ static inline struct kvm_ioapic_state *ckvm_irqchip_ioapic(struct kvm_irqchip *c
 /// thread makes its KVM_RUN return EINTR.
 int ckvm_install_kick_handler(int signal_number);
 
+/// Unblocks a signal in the calling thread. Threads started from a dispatch worker inherit a
+/// mask that blocks every signal, which would leave a vCPU deaf to its kick.
+int ckvm_unblock_signal(int signal_number);
+
 // MARK: layout tripwires
 
 _Static_assert(sizeof(struct kvm_regs) == 144, "kvm_regs layout");
