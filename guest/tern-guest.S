@@ -732,7 +732,7 @@ calibrate_tsc:
         jae 3f
         mov %r11, %r14
         mov %rax, %r15
-3:      shl $11, %r11
+3:      shl $9, %r11                    /* within 1/512 of the interval */
         cmp %r9, %r11                   /* tight enough? */
         jb .Lcal_done
         dec %r12d
