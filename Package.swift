@@ -16,10 +16,16 @@ let package = Package(
         .systemLibrary(name: "CLZMA", pkgConfig: "liblzma", providers: [.apt(["liblzma-dev"])]),
         // Layer 2: the machine: guest memory, boot, vCPU threads, devices, run state.
         .target(name: "Machine", dependencies: ["KVM", "CKVM", "CLZMA"]),
-        // Layer 3: the command line (option parsing, help, subcommands) as a library so tests reach it.
-        .target(name: "TernCLI", dependencies: ["Machine", "KVM"]),
+        // Sockets: listen/connect/accept and SCM_RIGHTS descriptor passing, for QMP and migration.
+        .target(name: "CSocket"),
+        // OpenSSL's libcrypto, for SHA-256 of guest memory.
+        .systemLibrary(name: "CCrypto", pkgConfig: "libcrypto", providers: [.apt(["libssl-dev"])]),
+        // Layer 3: QMP, QEMU's monitor protocol, controlling the machine.
+        .target(name: "QMP", dependencies: ["Machine", "KVM", "CSocket", "CCrypto"]),
+        // Layer 4: the command line (option parsing, help, subcommands) as a library so tests reach it.
+        .target(name: "TernCLI", dependencies: ["QMP", "Machine", "KVM", "CSocket"]),
         .executableTarget(name: "tern", dependencies: ["TernCLI"]),
-        .testTarget(name: "TernUnitTests", dependencies: ["TernCLI", "Machine", "KVM", "CKVM"]),
+        .testTarget(name: "TernUnitTests", dependencies: ["TernCLI", "QMP", "Machine", "KVM", "CKVM"]),
         .testTarget(name: "TernIntegrationTests", dependencies: ["tern", "Machine", "KVM"]),
     ],
     swiftLanguageModes: [.v6]

@@ -2,6 +2,8 @@
 // that Swift cannot set portably.
 #include "CKVM.h"
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 static void ckvm_kick_handler(int signal_number) { (void)signal_number; }
 
@@ -19,4 +21,8 @@ int ckvm_unblock_signal(int signal_number) {
     sigemptyset(&set);
     sigaddset(&set, signal_number);
     return pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+}
+
+int ckvm_thread_id(void) {
+    return (int)syscall(SYS_gettid);
 }

@@ -29,8 +29,8 @@ public final class Machine: @unchecked Sendable {
     }
     private let lifecycle: Mutex<LifecycleState>
     private let endingCondition = NSCondition()
-    /// Called on every run-state change (the QMP layer turns these into events).
-    public let runStateChanges = RunStateObservers()
+    /// Told of every run-state change, reset and ending (the QMP layer turns these into events).
+    public let events = MachineEventObservers()
 
     /// The guest-physical addresses KVM needs for its real-mode helpers, in the hole below 4 GiB.
     static let tssAddress: UInt64 = 0xfffb_d000
@@ -89,14 +89,7 @@ public final class Machine: @unchecked Sendable {
             throw .kvm(error)
         }
 
-        do { try LongModeSetup.writeTables(into: memory) } catch { throw .memory(error) }
-        switch configuration.boot {
-        case let .builtinGuest(arguments):
-            self.bootPlan = try BuiltinGuestLoader.load(arguments: arguments, into: memory)
-        case let .linux(kernelPath, initrdPath, arguments):
-            self.bootPlan = try LinuxLoader.load(kernelPath: kernelPath, initrdPath: initrdPath, arguments: arguments,
-                                                 cpuCount: configuration.cpuCount, into: memory)
-        }
+        self.bootPlan = try loadBootImage(configuration: configuration, into: memory)
 
         let console = try SerialConsole(backend: configuration.serial)
         self.console = console
@@ -148,7 +141,7 @@ public final class Machine: @unchecked Sendable {
         }
         threads.forEach { $0.start() }
         console.startInput(to: serial) { [weak self] in
-            self?.end(.userQuit(reason: "Ctrl-A x on the console"))
+            self?.end(.hostQuit(cause: .console, reason: "Ctrl-A x on the console"))
         }
     }
 
@@ -170,7 +163,7 @@ public final class Machine: @unchecked Sendable {
         }
         guard changed else { return }
         threads.forEach { $0.pause() }
-        runStateChanges.notify(.paused)
+        events.notify(.runStateChanged(.paused))
     }
 
     /// Lets paused vCPUs run again. No effect unless paused or in prelaunch.
@@ -182,7 +175,7 @@ public final class Machine: @unchecked Sendable {
         }
         guard changed else { return }
         threads.forEach { $0.resume() }
-        runStateChanges.notify(.running)
+        events.notify(.runStateChanged(.running))
     }
 
     /// Ends the machine for good: records why (the first reason wins), stops every vCPU thread
@@ -196,10 +189,39 @@ public final class Machine: @unchecked Sendable {
             return true
         }
         guard first else { return }
-        runStateChanges.notify(newState)
+        events.notify(.runStateChanged(newState))
+        events.notify(.ended(ending))
         endingCondition.lock()
         endingCondition.broadcast()
         endingCondition.unlock()
+    }
+
+    /// The host thread id of each vCPU's thread, in vCPU order (after `start`).
+    public var vcpuThreadIDs: [Int32] { threads.map(\.threadID) }
+
+    /// Resets the machine as a power cycle would, without ending it: every vCPU back to its
+    /// boot state and the boot image loaded again, then running again if it was running.
+    /// RAM keeps its contents, as on a real reset.
+    public func reset() throws(MachineError) {
+        threads.forEach { $0.pause() }
+        defer { if runState == .running { threads.forEach { $0.resume() } } }
+        let plan = try loadBootImage(configuration: configuration, into: memory)
+        let count = configuration.cpuCount
+        for (index, thread) in threads.enumerated() {
+            let failure = thread.perform { vcpu -> KVMError? in
+                do throws(KVMError) {
+                    if index > 0 && !plan.startsAllCPUs {
+                        try vcpu.setMultiprocessingState(UInt32(KVM_MP_STATE_UNINITIALIZED))
+                    }
+                    try VCPUSetup.reset(vcpu, index: index, plan: plan, cpuCount: count)
+                    return nil
+                } catch {
+                    return error
+                }
+            }
+            if let failure { throw .kvm(failure) }
+        }
+        events.notify(.reset(byGuest: false))
     }
 
     /// Blocks until the machine ends, then stops the vCPU threads and restores the terminal.
@@ -213,22 +235,34 @@ public final class Machine: @unchecked Sendable {
     }
 }
 
+/// Writes the long-mode tables and the guest image (built-in or Linux) into memory.
+func loadBootImage(configuration: MachineConfiguration, into memory: GuestMemory) throws(MachineError) -> BootPlan {
+    do { try LongModeSetup.writeTables(into: memory) } catch { throw .memory(error) }
+    switch configuration.boot {
+    case let .builtinGuest(arguments):
+        return try BuiltinGuestLoader.load(arguments: arguments, into: memory)
+    case let .linux(kernelPath, initrdPath, arguments):
+        return try LinuxLoader.load(kernelPath: kernelPath, initrdPath: initrdPath, arguments: arguments,
+                                    cpuCount: configuration.cpuCount, into: memory)
+    }
+}
+
 /// Lets a device built during `Machine.init` reach the machine once init has finished.
 final class WeakMachineReference: @unchecked Sendable {
     // Sendable: written once at the end of Machine.init, before any vCPU runs.
     weak var machine: Machine?
 }
 
-/// A list of callbacks for run-state changes.
-public final class RunStateObservers: Sendable {
-    private let observers = Mutex<[@Sendable (RunState) -> Void]>([])
+/// A list of callbacks for machine events, called in order on the thread that caused them.
+public final class MachineEventObservers: Sendable {
+    private let observers = Mutex<[@Sendable (MachineEvent) -> Void]>([])
 
-    public func add(_ observer: @escaping @Sendable (RunState) -> Void) {
+    public func add(_ observer: @escaping @Sendable (MachineEvent) -> Void) {
         observers.withLock { $0.append(observer) }
     }
 
-    func notify(_ state: RunState) {
+    func notify(_ event: MachineEvent) {
         let current = observers.withLock { $0 }
-        current.forEach { $0(state) }
+        current.forEach { $0(event) }
     }
 }

@@ -19,16 +19,43 @@ public enum MachineEnding: Equatable, Sendable {
     case guestReset(reason: String)
     /// The guest powered off.
     case guestShutdown(reason: String)
-    /// The user asked tern to quit (Ctrl-A x on the console, or a signal).
-    case userQuit(reason: String)
+    /// The host side asked tern to quit: QMP `quit`, a signal, or Ctrl-A x on the console.
+    case hostQuit(cause: HostQuitCause, reason: String)
     /// The guest hit something the VMM cannot handle.
     case internalError(message: String)
 
     /// tern's exit status for this ending.
     public var exitStatus: Int32 {
         switch self {
-        case .guestReset, .guestShutdown, .userQuit: 0
+        case .guestReset, .guestShutdown, .hostQuit: 0
         case .internalError: 1
         }
     }
+}
+
+/// Who on the host side ended the machine, with QEMU's `ShutdownCause` names.
+public enum HostQuitCause: String, Sendable {
+    case qmpQuit = "host-qmp-quit"
+    case signal = "host-signal"
+    case console = "host-ui"
+}
+
+extension MachineEnding {
+    /// QEMU's SHUTDOWN event data for this ending: whether the guest caused it, and the cause.
+    public var shutdownCause: (guest: Bool, reason: String) {
+        switch self {
+        case .guestReset: (true, "guest-reset")
+        case .guestShutdown: (true, "guest-shutdown")
+        case let .hostQuit(cause, _): (false, cause.rawValue)
+        case .internalError: (true, "guest-panic")
+        }
+    }
+}
+
+/// Something that happened to the machine, for observers such as the QMP event stream.
+public enum MachineEvent: Equatable, Sendable {
+    case runStateChanged(RunState)
+    /// The machine was reset and boots again; `byGuest` is false for a host request.
+    case reset(byGuest: Bool)
+    case ended(MachineEnding)
 }

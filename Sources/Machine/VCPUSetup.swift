@@ -17,6 +17,12 @@ enum VCPUSetup {
 
     static func configure(_ vcpu: VCPU, index: Int, cpuid: CPUIDTemplate, plan: BootPlan, cpuCount: Int) throws(KVMError) {
         try vcpu.setCPUID(cpuid.entries(forCPU: index))
+        try reset(vcpu, index: index, plan: plan, cpuCount: cpuCount)
+    }
+
+    /// Everything but CPUID, which KVM refuses to change once the vCPU has run: also what a
+    /// machine reset redoes.
+    static func reset(_ vcpu: VCPU, index: Int, plan: BootPlan, cpuCount: Int) throws(KVMError) {
         try vcpu.setModelSpecificRegisters([(miscellaneousEnableMSR, 1)])
 
         // LINT0 delivers the 8259's ExtINT and LINT1 NMIs, so the PIC works before the guest

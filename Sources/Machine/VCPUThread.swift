@@ -1,6 +1,7 @@
 import CKVM
 import Foundation
 import KVM
+import Synchronization
 
 /// What the machine decides after a vCPU exit.
 enum ExitDisposition {
@@ -27,7 +28,10 @@ final class VCPUThread: @unchecked Sendable {
     private var request: Request
     private var parked = false
     private var finished = false
-    private var threadID: pthread_t?
+    private var pthread: pthread_t?
+    private var pendingWork: (@Sendable (VCPU) -> Void)?
+    /// The kernel's id for the thread (what QMP's query-cpus-fast reports).
+    private(set) var threadID: Int32 = 0
     private let handleExit: @Sendable (VCPU, VCPUExit) -> ExitDisposition
 
     init(vcpu: VCPU, startPaused: Bool, handleExit: @escaping @Sendable (VCPU, VCPUExit) -> ExitDisposition) {
@@ -48,14 +52,15 @@ final class VCPUThread: @unchecked Sendable {
         thread.stackSize = 1 << 20
         thread.start()
         condition.lock()
-        while threadID == nil { condition.wait() }
+        while pthread == nil { condition.wait() }
         condition.unlock()
     }
 
     private func main() {
         _ = ckvm_unblock_signal(Self.kickSignal)
         condition.lock()
-        threadID = pthread_self()
+        pthread = pthread_self()
+        threadID = ckvm_thread_id()
         condition.broadcast()
         condition.unlock()
 
@@ -63,8 +68,14 @@ final class VCPUThread: @unchecked Sendable {
             condition.lock()
             while request == .pause {
                 parked = true
+                if let work = pendingWork {
+                    condition.unlock()
+                    work(vcpu)
+                    condition.lock()
+                    pendingWork = nil
+                }
                 condition.broadcast()
-                condition.wait()
+                if request == .pause && pendingWork == nil { condition.wait() }
             }
             parked = false
             if request == .stop {
@@ -94,7 +105,7 @@ final class VCPUThread: @unchecked Sendable {
 
     private func kick() {
         vcpu.requestImmediateExit(true)
-        if let threadID, !finished { pthread_kill(threadID, Self.kickSignal) }
+        if let pthread, !finished { pthread_kill(pthread, Self.kickSignal) }
     }
 
     /// Asks the vCPU to leave KVM_RUN and waits until it has.
@@ -129,10 +140,30 @@ final class VCPUThread: @unchecked Sendable {
         condition.unlock()
     }
 
+    /// Runs `work` on this vCPU's own thread while it is paused, and returns its result.
+    /// The vCPU must be paused (`pause()` returned) and stays paused.
+    func perform<T: Sendable>(_ work: @escaping @Sendable (VCPU) -> T) -> T {
+        let result = Mutex<T?>(nil)
+        let box = ResultBox(result)
+        condition.lock()
+        precondition(parked && request == .pause, "perform(_:) needs a paused vCPU")
+        pendingWork = { vcpu in box.mutex.withLock { $0 = work(vcpu) } }
+        condition.broadcast()
+        while pendingWork != nil { condition.wait() }
+        condition.unlock()
+        return box.mutex.withLock { $0! }
+    }
+
     /// Whether the thread is parked outside KVM_RUN.
     var isParked: Bool {
         condition.lock()
         defer { condition.unlock() }
         return parked
     }
+}
+
+/// Carries a result from a vCPU thread back to the caller of `perform`.
+final class ResultBox<T: Sendable>: Sendable {
+    let mutex: Mutex<T?>
+    init(_ mutex: consuming Mutex<T?>) { self.mutex = mutex }
 }

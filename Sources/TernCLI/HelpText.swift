@@ -10,6 +10,9 @@ public enum HelpText {
     Commands:
       run [options]        Start a virtual machine (QEMU's option spellings; see 'tern run --help').
                            With no -kernel it runs tern's built-in test guest.
+      qmp SOCKET [COMMAND [ARGS-JSON]]
+                           Run one QMP command on a running tern (or QEMU) and print the
+                           reply; with no COMMAND, an interactive QMP shell that shows events.
       guest-image FILE     Write the built-in test guest as a standalone image that
                            'qemu-system-x86_64 -kernel FILE' also boots (multiboot).
       help [command]       Show this text, or a command's.
@@ -21,6 +24,9 @@ public enum HelpText {
     Examples:
       tern run -m 512M -append "wss=64M rate=32M"      built-in guest dirtying 32 MiB/s
       tern run -m 1G -smp 2 -kernel /boot/vmlinuz -initrd initrd.img -append "quiet"
+      tern run -qmp unix:/tmp/tern.sock,server=on,wait=off -append "wss=64M rate=32M"
+      tern qmp /tmp/tern.sock query-status
+      tern qmp /tmp/tern.sock pmemsave '{"val": 1048576, "size": 4096, "filename": "/tmp/page"}'
       tern guest-image /tmp/tern-guest.bin
 
     """
@@ -52,6 +58,14 @@ public enum HelpText {
                            so yours win. For the built-in guest: its parameters,
                            wss=SIZE (working set, default 64M), rate=SIZE (bytes dirtied
                            per second, 0 = idle, default 0), pattern=random|zero.
+
+    Monitor:
+      -qmp unix:PATH,server=on,wait=off
+      -qmp tcp:HOST:PORT,server=on,wait=off
+                           Serve QMP, QEMU's JSON monitor protocol, on a socket (docs/qmp.md).
+                           Repeat -qmp for more sockets; each takes any number of clients.
+                           QEMU's older 'server,nowait' spelling works too. Without wait=off
+                           tern waits for the first client before starting the guest.
 
     Console:
       -serial stdio        COM1 on this terminal (the default): the guest's output, and your

@@ -2,6 +2,7 @@ import Dispatch
 import Foundation
 import KVM
 import Machine
+import QMP
 
 /// `tern run`: build the machine, start it, wait for it to end.
 public enum RunCommand {
@@ -31,16 +32,28 @@ public enum RunCommand {
             printError(error.description)
             return 1
         }
+        var monitor: QMPServer?
+        if !options.monitors.isEmpty {
+            do {
+                monitor = try QMPServer(machine: machine, endpoints: options.monitors)
+            } catch {
+                printError(error.description)
+                return 1
+            }
+            monitor?.start()
+            monitor?.waitForFirstClientIfRequested { printError($0) }
+        }
         let signalSources = installTerminationHandlers(machine)
         machine.start()
         let ending = machine.waitUntilEnded()
         signalSources.forEach { $0.cancel() }
+        monitor?.stop()
         switch ending {
         case let .internalError(message):
             printError("the guest stopped: \(message)")
         case let .guestReset(reason):
             printError("guest reset: \(reason); exiting")
-        case let .guestShutdown(reason), let .userQuit(reason):
+        case let .guestShutdown(reason), let .hostQuit(_, reason):
             printError("exiting: \(reason)")
         }
         return ending.exitStatus
@@ -52,7 +65,7 @@ public enum RunCommand {
             signal(number, SIG_IGN)
             let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
             source.setEventHandler {
-                machine.end(.userQuit(reason: "received signal \(number)"))
+                machine.end(.hostQuit(cause: .signal, reason: "received signal \(number)"))
             }
             source.resume()
             return source

@@ -1,4 +1,5 @@
 import Machine
+import QMP
 
 /// `tern run`'s options, parsed from QEMU's spellings into a `MachineConfiguration`.
 ///
@@ -6,11 +7,13 @@ import Machine
 /// after `=` (`-m=512M`), as QEMU allows. An option tern does not know is an error naming it.
 public struct RunOptions: Equatable {
     public var configuration = MachineConfiguration()
+    /// Every `-qmp` endpoint, in order.
+    public var monitors: [QMPEndpoint] = []
     public var showHelp = false
 
     /// Options that take a value.
     static let valued: Set<String> = [
-        "m", "smp", "kernel", "initrd", "append", "serial", "name", "display", "machine", "M", "accel", "cpu",
+        "m", "smp", "kernel", "initrd", "append", "serial", "name", "display", "machine", "M", "accel", "cpu", "qmp",
     ]
     /// Options without a value.
     static let flags: Set<String> = [
@@ -76,6 +79,12 @@ public struct RunOptions: Equatable {
             case "accel":
                 guard value == "kvm" else { throw CommandLineError("tern run: -accel \(value): tern runs only on KVM") }
             case "cpu": configuration.exposeInvariantTSC = try Self.cpuModel(value)
+            case "qmp":
+                do {
+                    monitors.append(try QMPEndpoint(parsing: value))
+                } catch {
+                    throw CommandLineError("tern run: \(error.message)")
+                }
             default: break
             }
         }

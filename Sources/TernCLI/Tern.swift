@@ -14,10 +14,13 @@ public enum Tern {
             return RunCommand.main(arguments: rest)
         case "guest-image":
             return GuestImageCommand.main(arguments: rest)
+        case "qmp":
+            return QMPClientCommand.main(arguments: rest)
         case "help", "-h", "--help", "-help":
             switch rest.first {
             case "run": print(HelpText.run, terminator: "")
             case "guest-image": print(GuestImageCommand.usage, terminator: "")
+            case "qmp": print(QMPClientCommand.usage, terminator: "")
             default: print(HelpText.overview, terminator: "")
             }
             return 0
@@ -25,7 +28,7 @@ public enum Tern {
             print("tern \(HelpText.version)")
             return 0
         default:
-            printError("unknown command '\(command)' (commands: run, guest-image, help; see tern --help)")
+            printError("unknown command '\(command)' (commands: run, qmp, guest-image, help; see tern --help)")
             return 2
         }
     }

@@ -14,7 +14,7 @@ struct PauseResumeTests {
         configuration.boot = .builtinGuest(arguments: "wss=32M rate=32M")
         configuration.serial = .file(path: log)
         let machine = try Machine(configuration: configuration)
-        defer { machine.end(.userQuit(reason: "test over")); _ = machine.waitUntilEnded() }
+        defer { machine.end(.hostQuit(cause: .signal, reason: "test over")); _ = machine.waitUntilEnded() }
         machine.start()
         func output() -> String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
         func wait(_ condition: () -> Bool) -> Bool {

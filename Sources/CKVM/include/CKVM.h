@@ -131,6 +131,9 @@ int ckvm_install_kick_handler(int signal_number);
 /// mask that blocks every signal, which would leave a vCPU deaf to its kick.
 int ckvm_unblock_signal(int signal_number);
 
+/// The calling thread's kernel id (gettid), which Glibc does not export to Swift.
+int ckvm_thread_id(void);
+
 // MARK: layout tripwires
 
 _Static_assert(sizeof(struct kvm_regs) == 144, "kvm_regs layout");

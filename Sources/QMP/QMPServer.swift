@@ -1,0 +1,162 @@
+import CSocket
+import Foundation
+import Machine
+import Synchronization
+
+/// Why the QMP server could not start.
+public struct QMPServerError: Error, CustomStringConvertible {
+    public let message: String
+    public var description: String { message }
+}
+
+/// QEMU's monitor protocol over Unix and TCP sockets.
+///
+/// Any number of clients may connect to each endpoint; each has a thread that reads its
+/// commands, and all commands run one at a time under `dispatchLock`, in the order they
+/// arrive, as under QEMU's big lock. Events go to every client that has negotiated
+/// capabilities.
+public final class QMPServer: @unchecked Sendable {
+    // Sendable: `listeners` is fixed after init; sessions and descriptors are mutex-guarded.
+    /// The QMP version tern speaks: the 2015 monitor the migration engine is specified from.
+    public static let qemuVersion = (major: 2, minor: 5, micro: 0)
+
+    public let machine: Machine
+    public let descriptors: NamedDescriptors
+    let commands: QMPCommandTable
+    private let listeners: [(endpoint: QMPEndpoint, descriptor: Int32)]
+    private let sessions = Mutex<[ObjectIdentifier: QMPSession]>([:])
+    private let dispatchLock = NSLock()
+    private let firstClient = NSCondition()
+    private var clientsSeen = 0
+    private let stopped = Atomic<Bool>(false)
+
+    /// Binds every endpoint. A bound TCP port of 0 is replaced by the real one in `boundEndpoints`.
+    public init(machine: Machine, endpoints: [QMPEndpoint], extraCommands: [QMPCommand] = []) throws(QMPServerError) {
+        self.machine = machine
+        let descriptors = NamedDescriptors()
+        self.descriptors = descriptors
+        let context = QMPContext(machine: machine, descriptors: descriptors)
+        var table = QMPCommandTable()
+        for command in QMPStandardCommands.all(context) + extraCommands { table.register(command) }
+        let names = ["qmp_capabilities", "query-commands"] + table.names
+        table.register(QMPCommand("query-commands") { _ throws(QMPError) in
+            .array(names.map { ["name": .string($0)] })
+        })
+        self.commands = table
+        var listeners: [(QMPEndpoint, Int32)] = []
+        for endpoint in endpoints {
+            let descriptor: Int32
+            var bound = endpoint
+            switch endpoint.address {
+            case let .unix(path):
+                descriptor = csocket_listen_unix(path, 16)
+            case let .tcp(host, port):
+                var boundPort: Int32 = 0
+                descriptor = csocket_listen_tcp(host, port, 16, &boundPort)
+                if descriptor >= 0 { bound.address = .tcp(host: host, port: String(boundPort)) }
+            }
+            guard descriptor >= 0 else {
+                listeners.forEach { close($0.1) }
+                throw QMPServerError(message: "cannot listen for QMP on \(endpoint.description): \(String(cString: strerror(-descriptor)))")
+            }
+            listeners.append((bound, descriptor))
+        }
+        self.listeners = listeners
+        machine.events.add { [weak self] event in self?.machineEvent(event) }
+    }
+
+    /// The endpoints as bound (TCP port 0 resolved).
+    public var boundEndpoints: [QMPEndpoint] { listeners.map(\.endpoint) }
+
+    /// Starts accepting clients on every endpoint.
+    public func start() {
+        for listener in listeners {
+            let thread = Thread { [self] in acceptLoop(listener.descriptor) }
+            thread.name = "qmp-accept"
+            thread.start()
+        }
+    }
+
+    /// With `wait=on` on an endpoint, blocks until the first client connects (QEMU prints the
+    /// same kind of message and waits before starting the guest).
+    public func waitForFirstClientIfRequested(announce: (String) -> Void) {
+        guard listeners.contains(where: { $0.endpoint.waitForClient }) else { return }
+        announce("waiting for a QMP connection on \(listeners.map(\.endpoint.description).joined(separator: ", "))")
+        firstClient.lock()
+        while clientsSeen == 0 { firstClient.wait() }
+        firstClient.unlock()
+    }
+
+    private func acceptLoop(_ listener: Int32) {
+        while !stopped.load(ordering: .relaxed) {
+            let client = csocket_accept(listener)
+            if client < 0 {
+                if stopped.load(ordering: .relaxed) || client == -EBADF || client == -EINVAL { return }
+                continue
+            }
+            _ = csocket_set_send_timeout(client, 5)
+            let session = QMPSession(descriptor: client, server: self)
+            sessions.withLock { $0[ObjectIdentifier(session)] = session }
+            firstClient.lock()
+            clientsSeen += 1
+            firstClient.broadcast()
+            firstClient.unlock()
+            let thread = Thread { [self] in
+                session.serve()
+                _ = sessions.withLock { $0.removeValue(forKey: ObjectIdentifier(session)) }
+            }
+            thread.name = "qmp-client"
+            thread.start()
+        }
+    }
+
+    /// Runs one command under the dispatch lock.
+    func dispatch(_ work: () -> Void) {
+        dispatchLock.lock()
+        defer { dispatchLock.unlock() }
+        work()
+    }
+
+    /// Sends an event to every negotiated client.
+    public func emit(event name: String, data: JSONObject = [:]) {
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        let message: JSONValue = [
+            "event": .string(name),
+            "data": .object(data),
+            "timestamp": ["seconds": .int(Int64(now.tv_sec)), "microseconds": .int(Int64(now.tv_nsec / 1000))],
+        ]
+        let current = sessions.withLock { Array($0.values) }
+        for session in current where session.isNegotiated {
+            session.send(message)
+        }
+    }
+
+    private func machineEvent(_ event: MachineEvent) {
+        switch event {
+        case .runStateChanged(.paused):
+            emit(event: "STOP")
+        case .runStateChanged(.running):
+            emit(event: "RESUME")
+        case let .reset(byGuest):
+            emit(event: "RESET", data: ["guest": .bool(byGuest), "reason": byGuest ? "guest-reset" : "host-qmp-system-reset"])
+        case let .ended(ending):
+            let cause = ending.shutdownCause
+            emit(event: "SHUTDOWN", data: ["guest": .bool(cause.guest), "reason": .string(cause.reason)])
+        case .runStateChanged:
+            break
+        }
+    }
+
+    /// Stops accepting, disconnects every client and removes Unix socket files.
+    public func stop() {
+        guard !stopped.exchange(true, ordering: .relaxed) else { return }
+        for listener in listeners {
+            shutdown(listener.descriptor, Int32(SHUT_RDWR))
+            close(listener.descriptor)
+            if case let .unix(path) = listener.endpoint.address { unlink(path) }
+        }
+        let current = sessions.withLock { Array($0.values) }
+        current.forEach { $0.disconnect() }
+    }
+}
