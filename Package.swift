@@ -26,7 +26,7 @@ let package = Package(
         .target(name: "TernCLI", dependencies: ["QMP", "Machine", "KVM", "CSocket"]),
         .executableTarget(name: "tern", dependencies: ["TernCLI"]),
         .testTarget(name: "TernUnitTests", dependencies: ["TernCLI", "QMP", "Machine", "KVM", "CKVM"]),
-        .testTarget(name: "TernIntegrationTests", dependencies: ["tern", "Machine", "KVM"]),
+        .testTarget(name: "TernIntegrationTests", dependencies: ["tern", "TernCLI", "QMP", "Machine", "KVM"]),
     ],
     swiftLanguageModes: [.v6]
 )
