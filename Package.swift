@@ -12,10 +12,12 @@ let package = Package(
         .target(name: "CKVM"),
         // Layer 1: thin typed Swift over /dev/kvm, the VM fd and vCPU fds. No policy, no threads.
         .target(name: "KVM", dependencies: ["CKVM"]),
+        // memfd calls and the page scans of migration's hot path, optimised even in debug builds.
+        .target(name: "CGuestMemory", cSettings: [.unsafeFlags(["-O2"])]),
         // liblzma, to unpack a bzImage's xz payload on the host (see ElfKernel.swift).
         .systemLibrary(name: "CLZMA", pkgConfig: "liblzma", providers: [.apt(["liblzma-dev"])]),
         // Layer 2: the machine: guest memory, boot, vCPU threads, devices, run state.
-        .target(name: "Machine", dependencies: ["KVM", "CKVM", "CLZMA"]),
+        .target(name: "Machine", dependencies: ["KVM", "CKVM", "CLZMA", "CGuestMemory"]),
         // Sockets: listen/connect/accept and SCM_RIGHTS descriptor passing, for QMP and migration.
         .target(name: "CSocket"),
         // OpenSSL's libcrypto, for SHA-256 of guest memory.

@@ -225,6 +225,30 @@ def new_workdir() -> Path:
 
 # ----- raw QMP over a plain socket -----------------------------------------------------------
 
+def connect_unix(path: str, timeout: float = STEP) -> socket.socket:
+    """Connect to a unix socket, waiting (bounded) while tern's listen backlog is full.
+
+    A socket with a timeout is non-blocking underneath, and a non-blocking unix connect fails
+    with EAGAIN instead of waiting when the backlog is full; a blocking client would wait.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            return sock
+        except BlockingIOError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"tern did not accept a connection on {path} within {timeout:.0f} s "
+                                   "(listen backlog stayed full)") from None
+            time.sleep(0.01)
+        except OSError:
+            sock.close()
+            raise
+
+
 class RawQMP:
     """A QMP client that sends whatever bytes it is given and reads replies line by line."""
 
@@ -232,13 +256,7 @@ class RawQMP:
         if isinstance(address, tuple):
             self.sock = socket.create_connection(address, timeout=timeout)
         else:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.settimeout(timeout)
-            try:
-                self.sock.connect(address)
-            except OSError:
-                self.sock.close()
-                raise
+            self.sock = connect_unix(address, timeout)
         self.timeout = timeout
         self.buffer = b""
         #: Events seen while waiting for replies, in order.
@@ -393,7 +411,7 @@ async def execute_error(qmp: QMPClient, command: str, arguments: Optional[dict] 
     except ExecuteError as error:
         assert error.error_class == error_class, f"{command}: expected {error_class}, got {error.received}"
         if desc is not None:
-            assert error.error.desc == desc, f"{command}: expected desc {desc!r}, got {error.received}"
+            assert error.error.error.desc == desc, f"{command}: expected desc {desc!r}, got {error.received}"
         return error
     raise AssertionError(f"{command} {arguments}: expected a {error_class} error, got return {result!r}")
 

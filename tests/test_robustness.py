@@ -7,7 +7,7 @@ import re
 import socket
 import time
 
-from tern_harness import RawQMP, assert_error, proc_kib, raw_session
+from tern_harness import RawQMP, assert_error, connect_unix, proc_kib, raw_session
 
 RUNNING = {"status": "running", "running": True, "singlestep": False}
 SIZE_LIMIT_WORDS = re.compile(r"(?i)limit|too (long|large|big)|exceed|maximum|1 ?MiB|1048576|bytes")
@@ -120,9 +120,7 @@ def test_client_disconnects_mid_command(tern):
 
 def test_client_disconnects_before_greeting(tern):
     for _ in range(20):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(tern.address)
-        s.close()
+        connect_unix(tern.address).close()
     server_still_works(tern)
 
 

@@ -65,7 +65,8 @@ public struct ElfKernel: Sendable {
     /// the zeroes of fresh guest memory.
     public func load(into memory: GuestMemory) throws(GuestMemoryError) {
         for segment in segments {
-            let destination = try memory.pointer(at: GuestAddress(segment.physicalAddress), length: segment.memorySize)
+            let destination = try memory.pointer(at: GuestAddress(segment.physicalAddress), length: segment.memorySize,
+                                                 forWriting: true)
             bytes.withUnsafeBytes { source in
                 destination.copyMemory(from: source.baseAddress! + segment.fileOffset, byteCount: segment.fileSize)
             }

@@ -1,3 +1,4 @@
+import CGuestMemory
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -17,8 +18,12 @@ public enum GuestMemoryError: Error, CustomStringConvertible, Equatable {
     }
 }
 
-/// All guest RAM: one anonymous shared mapping, reserved lazily so that a large `-m` costs
-/// nothing until the guest touches it, and split into regions by a `GuestMemoryLayout`.
+/// All guest RAM: one memfd mapped shared, so that a large `-m` costs nothing until the guest
+/// touches it, split into regions by a `GuestMemoryLayout`.
+///
+/// A memfd (rather than an anonymous mapping) lets migration and digests find the pages the
+/// guest never touched with `lseek(SEEK_DATA/SEEK_HOLE)` and skip them without reading them,
+/// which would otherwise allocate them.
 ///
 /// Every access by guest-physical address is bounds-checked against the layout; this is the
 /// one place that turns a guest address into a host pointer.
@@ -28,33 +33,82 @@ public final class GuestMemory: @unchecked Sendable {
     public let layout: GuestMemoryLayout
     /// The start of the host mapping.
     public let hostBase: UnsafeMutableRawPointer
+    /// The memfd behind the mapping.
+    public let descriptor: Int32
+
+    /// Pages tern itself wrote while dirty tracking was on; merged into the next dirty sync.
+    let hostWrites = HostWriteLog()
 
     public init(layout: GuestMemoryLayout) throws(GuestMemoryError) {
         self.layout = layout
-        let flags = MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE
-        guard let base = mmap(nil, Int(layout.ramSize), PROT_READ | PROT_WRITE, flags, -1, 0), base != MAP_FAILED else {
-            throw .mapFailed(size: layout.ramSize, errno: errno)
+        let fd = cguest_memfd_create("tern-guest-ram")
+        guard fd >= 0 else { throw .mapFailed(size: layout.ramSize, errno: -fd) }
+        guard ftruncate(fd, off_t(layout.ramSize)) == 0,
+              let base = mmap(nil, Int(layout.ramSize), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0),
+              base != MAP_FAILED else {
+            let code = errno
+            close(fd)
+            throw .mapFailed(size: layout.ramSize, errno: code)
         }
+        self.descriptor = fd
         self.hostBase = base
     }
 
     deinit {
         munmap(hostBase, Int(layout.ramSize))
+        close(descriptor)
+    }
+
+    /// The byte ranges of `offset..<offset+length` (offsets in the RAM mapping) that hold data;
+    /// everything else has never been written and reads as zero.
+    public func dataExtents(offset: UInt64, length: UInt64) -> [(offset: UInt64, length: UInt64)] {
+        var extents: [(offset: UInt64, length: UInt64)] = []
+        let end = min(offset + length, layout.ramSize)
+        var position = offset
+        while position < end {
+            let data = cguest_seek_data(descriptor, Int64(position))
+            if data < 0 { break } // ENXIO: only a hole remains
+            let start = UInt64(data)
+            if start >= end { break }
+            let hole = cguest_seek_hole(descriptor, Int64(start))
+            let stop = hole < 0 ? end : min(UInt64(hole), end)
+            extents.append((offset: start, length: stop - start))
+            position = stop
+        }
+        return extents
+    }
+
+    /// Makes a range read as zero again, freeing its memory (FALLOC_FL_PUNCH_HOLE): how a
+    /// destination applies a run of zero pages without allocating them.
+    public func discard(offset: UInt64, length: UInt64) -> Bool {
+        guard offset + length <= layout.ramSize else { return false }
+        return cguest_punch_hole(descriptor, Int64(offset), Int64(length)) == 0
     }
 
     public var size: UInt64 { layout.ramSize }
 
     /// A host pointer to `length` bytes of guest memory at `address`, checked to lie in RAM.
-    public func pointer(at address: GuestAddress, length: UInt64) throws(GuestMemoryError) -> UnsafeMutableRawPointer {
+    /// Pass `forWriting: true` when tern will store through it, so that a migration in
+    /// progress sends those pages again (KVM's dirty log sees only the guest's own writes).
+    public func pointer(at address: GuestAddress, length: UInt64, forWriting: Bool = false) throws(GuestMemoryError) -> UnsafeMutableRawPointer {
         guard let offset = layout.hostOffset(of: address, length: length) else {
             throw .outOfRange(address: address, length: length)
         }
+        if forWriting { hostWrites.record(offset: offset, length: length) }
+        return hostBase + Int(offset)
+    }
+
+    /// A host pointer to `length` bytes at an offset in the RAM mapping (migration addresses
+    /// RAM by offset, as QEMU's ram_addr), checked against the RAM size.
+    public func pointer(atOffset offset: UInt64, length: UInt64) -> UnsafeMutableRawPointer? {
+        let (end, overflow) = offset.addingReportingOverflow(length)
+        guard !overflow, end <= layout.ramSize else { return nil }
         return hostBase + Int(offset)
     }
 
     /// Copies bytes into guest memory.
     public func write(_ bytes: [UInt8], at address: GuestAddress) throws(GuestMemoryError) {
-        let destination = try pointer(at: address, length: UInt64(bytes.count))
+        let destination = try pointer(at: address, length: UInt64(bytes.count), forWriting: true)
         bytes.withUnsafeBytes { destination.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
     }
 
@@ -66,7 +120,7 @@ public final class GuestMemory: @unchecked Sendable {
 
     /// Stores a little-endian integer.
     public func store<T: FixedWidthInteger>(_ value: T, at address: GuestAddress) throws(GuestMemoryError) {
-        let destination = try pointer(at: address, length: UInt64(MemoryLayout<T>.size))
+        let destination = try pointer(at: address, length: UInt64(MemoryLayout<T>.size), forWriting: true)
         destination.storeBytes(of: value.littleEndian, as: T.self)
     }
 

@@ -22,7 +22,7 @@ public final class I8042Controller: PortIODevice {
         var pendingCommand: UInt8?
     }
 
-    private let state = Mutex(State())
+    let state = Mutex(State())
     private let resetRequested: @Sendable () -> Void
 
     /// - Parameter resetRequested: called when the guest pulses the CPU reset line.

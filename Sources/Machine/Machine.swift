@@ -20,6 +20,7 @@ public final class Machine: @unchecked Sendable {
     let vcpus: [VCPU]
     let bus: PortIOBus
     let serial: Serial16550
+    let keyboardController: I8042Controller
     let console: SerialConsole
     private var threads: [VCPUThread] = []
 
@@ -97,15 +98,19 @@ public final class Machine: @unchecked Sendable {
         self.serial = Serial16550(
             output: { console.write($0) },
             interruptLine: { level in try? vm.setInterruptLine(Serial16550.com1Interrupt, high: level) })
-        self.lifecycle = Mutex(LifecycleState(runState: configuration.startPaused ? .prelaunch : .running))
+        let initial: RunState = configuration.waitsForIncomingMigration ? .inmigrate
+            : configuration.startPaused ? .prelaunch : .running
+        self.lifecycle = Mutex(LifecycleState(runState: initial))
 
         var bus = PortIOBus()
         bus.map(base: Serial16550.com1Base, count: 8, to: serial)
         // The reset line: resolved through a box because `self` is not complete yet.
         let resetTarget = WeakMachineReference()
-        bus.map(base: I8042Controller.dataPort, count: I8042Controller.portCount, to: I8042Controller {
+        let keyboardController = I8042Controller {
             resetTarget.machine?.end(.guestReset(reason: "the guest pulsed the keyboard controller's reset line"))
-        })
+        }
+        self.keyboardController = keyboardController
+        bus.map(base: I8042Controller.dataPort, count: I8042Controller.portCount, to: keyboardController)
         self.bus = bus
 
         do {
@@ -154,22 +159,38 @@ public final class Machine: @unchecked Sendable {
         lifecycle.withLock { $0.ending }
     }
 
-    /// Stops every vCPU and returns when all are outside KVM_RUN. No effect unless running.
-    public func pause() {
-        let changed = lifecycle.withLock { state -> Bool in
-            guard state.runState == .running else { return false }
-            state.runState = .paused
-            return true
+    /// Stops every vCPU and returns when all are outside KVM_RUN; the machine is then in
+    /// `state` (`paused`, or `finish-migrate` for a migration's last copy). From a state that
+    /// is not running, only the state changes. Returns whether the vCPUs were running.
+    @discardableResult
+    public func pause(to state: RunState = .paused) -> Bool {
+        let wasRunning = lifecycle.withLock { lifecycle -> Bool? in
+            guard lifecycle.ending == nil else { return nil }
+            let running = lifecycle.runState == .running
+            if running || state != .paused { lifecycle.runState = state }
+            return running
         }
-        guard changed else { return }
-        threads.forEach { $0.pause() }
-        events.notify(.runStateChanged(.paused))
+        guard let wasRunning else { return false }
+        if wasRunning {
+            threads.forEach { $0.pause() }
+            events.notify(.runStateChanged(state))
+        }
+        return wasRunning
     }
 
-    /// Lets paused vCPUs run again. No effect unless paused or in prelaunch.
-    public func resume() {
+    /// Sets a run state that involves no vCPU change (e.g. `postmigrate` after `finish-migrate`,
+    /// or `paused` once an incoming migration has loaded with `-S`).
+    public func setStoppedState(_ state: RunState) {
+        precondition(!state.isRunning, "use resume() to run")
+        lifecycle.withLock { if $0.ending == nil { $0.runState = state } }
+    }
+
+    /// Lets the vCPUs run again from a state that allows it (`paused`, `prelaunch`,
+    /// `postmigrate`, and `inmigrate` once the incoming state has loaded).
+    public func resume(fromIncomingMigration: Bool = false) {
         let changed = lifecycle.withLock { state -> Bool in
-            guard state.runState == .paused || state.runState == .prelaunch else { return false }
+            guard state.ending == nil else { return false }
+            guard state.runState.canResume || (fromIncomingMigration && state.runState == .inmigrate) else { return false }
             state.runState = .running
             return true
         }
@@ -196,6 +217,8 @@ public final class Machine: @unchecked Sendable {
         endingCondition.unlock()
     }
 
+    var vcpuThreads: [VCPUThread] { threads }
+
     /// The host thread id of each vCPU's thread, in vCPU order (after `start`).
     public var vcpuThreadIDs: [Int32] { threads.map(\.threadID) }
 
@@ -205,6 +228,7 @@ public final class Machine: @unchecked Sendable {
     public func reset() throws(MachineError) {
         threads.forEach { $0.pause() }
         defer { if runState == .running { threads.forEach { $0.resume() } } }
+        if runState == .inmigrate { throw .invalidConfiguration("the machine is waiting for an incoming migration") }
         let plan = try loadBootImage(configuration: configuration, into: memory)
         let count = configuration.cpuCount
         for (index, thread) in threads.enumerated() {

@@ -28,6 +28,8 @@ public struct MachineConfiguration: Equatable, Sendable {
     /// `-cpu host,+invtsc`: expose the invariant TSC (and so block migration later).
     public var exposeInvariantTSC = false
     public var kvmDevicePath = "/dev/kvm"
+    /// `-incoming`: the machine waits in `inmigrate` for its state to arrive instead of booting.
+    public var waitsForIncomingMigration = false
 
     /// The most vCPUs tern starts (the MP table numbers APIC ids in one byte).
     public static let maximumCPUCount = 64

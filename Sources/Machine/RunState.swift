@@ -8,9 +8,18 @@ public enum RunState: String, Sendable, CaseIterable {
     case shutdown
     /// KVM could not continue the guest (an exit tern or KVM cannot handle).
     case internalError = "internal-error"
+    /// A destination waiting for, or loading, an incoming migration.
+    case inmigrate
+    /// The source stopped its vCPUs to send the last pages and the device state.
+    case finishMigrate = "finish-migrate"
+    /// The source after a completed migration: stopped, its guest now runs elsewhere.
+    case postmigrate
 
     /// Whether vCPUs execute guest code in this state.
     public var isRunning: Bool { self == .running }
+
+    /// States from which `cont` may start the vCPUs.
+    public var canResume: Bool { self == .paused || self == .prelaunch || self == .postmigrate }
 }
 
 /// Why a machine stopped for good.

@@ -73,7 +73,7 @@ public final class Serial16550: PortIODevice {
         }
     }
 
-    private let state = Mutex(State())
+    let state = Mutex(State())
     private let output: @Sendable (UInt8) -> Void
     private let interruptLine: @Sendable (Bool) -> Void
 
@@ -189,7 +189,7 @@ public final class Serial16550: PortIODevice {
 
     /// Recomputes IRQ 4 and drives the line when its level changes. Called with the lock held,
     /// so that level changes reach the interrupt controller in order.
-    private func updateInterrupt(_ state: inout State) -> Bool {
+    func updateInterrupt(_ state: inout State) -> Bool {
         // OUT2 gates the interrupt onto the bus on a PC.
         let level = state.interruptIdentification & 0x01 == 0 && state.modemControl & 0x08 != 0
         if level != state.interruptLevel {

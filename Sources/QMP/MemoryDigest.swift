@@ -1,22 +1,31 @@
 import CCrypto
 import Machine
 
-/// SHA-256 over all guest RAM, region by region in guest-physical order, for the
+/// SHA-256 over all guest RAM, in the order of the RAM mapping (guest-physical order), for the
 /// `x-query-memory-digest` extension: two machines whose digests match hold the same memory.
 public enum MemoryDigest {
     public static func sha256(of memory: GuestMemory) -> String {
         guard let context = EVP_MD_CTX_new() else { return "" }
         defer { EVP_MD_CTX_free(context) }
         EVP_DigestInit_ex(context, EVP_sha256(), nil)
-        let chunk = 64 << 20
-        for region in memory.layout.regions {
-            var offset: UInt64 = 0
-            while offset < region.size {
-                let length = Int(min(UInt64(chunk), region.size - offset))
-                EVP_DigestUpdate(context, memory.hostBase + Int(region.hostOffset + offset), length)
-                offset += UInt64(length)
+        // Holes (pages never written) hash as zeroes without being read, so a digest does not
+        // make a 16 GiB guest resident.
+        let zeroes = [UInt8](repeating: 0, count: 1 << 20)
+        func hashZeroes(_ count: UInt64) {
+            var left = count
+            while left > 0 {
+                let length = Int(min(left, UInt64(zeroes.count)))
+                zeroes.withUnsafeBytes { _ = EVP_DigestUpdate(context, $0.baseAddress, length) }
+                left -= UInt64(length)
             }
         }
+        var position: UInt64 = 0
+        for extent in memory.dataExtents(offset: 0, length: memory.size) {
+            hashZeroes(extent.offset - position)
+            EVP_DigestUpdate(context, memory.hostBase + Int(extent.offset), Int(extent.length))
+            position = extent.offset + extent.length
+        }
+        hashZeroes(memory.size - position)
         var digest = [UInt8](repeating: 0, count: 32)
         var length: UInt32 = 0
         EVP_DigestFinal_ex(context, &digest, &length)
