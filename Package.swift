@@ -22,10 +22,12 @@ let package = Package(
         .target(name: "CSocket"),
         // OpenSSL's libcrypto, for SHA-256 of guest memory.
         .systemLibrary(name: "CCrypto", pkgConfig: "libcrypto", providers: [.apt(["libssl-dev"])]),
-        // Layer 3: QMP, QEMU's monitor protocol, controlling the machine.
-        .target(name: "QMP", dependencies: ["Machine", "KVM", "CSocket", "CCrypto"]),
-        // Layer 4: the command line (option parsing, help, subcommands) as a library so tests reach it.
-        .target(name: "TernCLI", dependencies: ["QMP", "Machine", "KVM", "CSocket"]),
+        // Layer 3: the migration engine; it sees the machine through memory and saved state.
+        .target(name: "Migration", dependencies: ["Machine", "KVM", "CSocket", "CGuestMemory"]),
+        // Layer 4: QMP, QEMU's monitor protocol, controlling the machine and migrations.
+        .target(name: "QMP", dependencies: ["Migration", "Machine", "KVM", "CSocket", "CCrypto"]),
+        // Layer 5: the command line (option parsing, help, subcommands) as a library so tests reach it.
+        .target(name: "TernCLI", dependencies: ["QMP", "Migration", "Machine", "KVM", "CSocket"]),
         .executableTarget(name: "tern", dependencies: ["TernCLI"]),
         .testTarget(name: "TernUnitTests", dependencies: ["TernCLI", "QMP", "Machine", "KVM", "CKVM"]),
         .testTarget(name: "TernIntegrationTests", dependencies: ["tern", "TernCLI", "QMP", "Machine", "KVM"]),

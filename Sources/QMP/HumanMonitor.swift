@@ -1,4 +1,5 @@
 import Machine
+import Migration
 
 /// `human-monitor-command`: the subset of QEMU's HMP that tern understands, answering with
 /// the text HMP would print (CRLF line ends, as QEMU's monitor writes them).
@@ -27,8 +28,11 @@ extension QMPStandardCommands {
                     return .string("\(version.major).\(version.minor).\(version.micro) (tern)\r\n")
                 case "kvm":
                     return "kvm support: enabled\r\n"
+                case "migrate":
+                    guard let migration = context.migration else { return "" }
+                    return .string(humanMigrationInfo(migration))
                 default:
-                    return "info: unknown or unsupported item; tern knows: info status, info name, info version, info kvm\r\n"
+                    return "info: unknown or unsupported item; tern knows: info status, name, version, kvm, migrate\r\n"
                 }
             case "stop":
                 machine.pause()
@@ -48,5 +52,31 @@ extension QMPStandardCommands {
                 return .string("unknown command: '\(other)'\r\n")
             }
         }
+    }
+}
+
+extension QMPStandardCommands {
+    /// `info migrate`, in the shape of QEMU's HMP output.
+    static func humanMigrationInfo(_ migration: MigrationController) -> String {
+        var lines = ["capabilities: " + migration.capabilities.map { "\($0.0.rawValue): \($0.1 ? "on" : "off")" }.joined(separator: " ")]
+        guard case let .object(info) = migrationInfo(migration), let status = info["status"]?.stringValue else {
+            return lines.joined(separator: "\r\n") + "\r\n"
+        }
+        lines.append("Migration status: \(status)")
+        for key in ["total-time", "expected-downtime", "downtime", "setup-time", "x-guest-downtime"] {
+            if let value = info[key]?.int64Value { lines.append("\(key): \(value) milliseconds") }
+        }
+        if case let .object(ram)? = info["ram"] {
+            for key in ["transferred", "remaining", "total"] {
+                if let value = ram[key]?.int64Value { lines.append("\(key) ram: \(value / 1024) kbytes") }
+            }
+            if let value = ram["mbps"] { lines.append("throughput: \(value.serialized) mbps") }
+            for key in ["duplicate", "skipped", "normal"] {
+                if let value = ram[key]?.int64Value { lines.append("\(key): \(value) pages") }
+            }
+            if let value = ram["dirty-sync-count"]?.int64Value { lines.append("dirty sync count: \(value)") }
+        }
+        if let error = info["error-desc"]?.stringValue { lines.append("error: \(error)") }
+        return lines.joined(separator: "\r\n") + "\r\n"
     }
 }

@@ -1,6 +1,7 @@
 import CSocket
 import Foundation
 import Machine
+import Migration
 import Synchronization
 
 /// Why the QMP server could not start.
@@ -31,11 +32,11 @@ public final class QMPServer: @unchecked Sendable {
     private let stopped = Atomic<Bool>(false)
 
     /// Binds every endpoint. A bound TCP port of 0 is replaced by the real one in `boundEndpoints`.
-    public init(machine: Machine, endpoints: [QMPEndpoint], extraCommands: [QMPCommand] = []) throws(QMPServerError) {
+    public init(machine: Machine, endpoints: [QMPEndpoint], descriptors: NamedDescriptors = NamedDescriptors(),
+                migration: MigrationController? = nil, extraCommands: [QMPCommand] = []) throws(QMPServerError) {
         self.machine = machine
-        let descriptors = NamedDescriptors()
         self.descriptors = descriptors
-        let context = QMPContext(machine: machine, descriptors: descriptors)
+        let context = QMPContext(machine: machine, descriptors: descriptors, migration: migration)
         var table = QMPCommandTable()
         for command in QMPStandardCommands.all(context) + extraCommands { table.register(command) }
         let names = ["qmp_capabilities", "query-commands"] + table.names
@@ -63,6 +64,12 @@ public final class QMPServer: @unchecked Sendable {
         }
         self.listeners = listeners
         machine.events.add { [weak self] event in self?.machineEvent(event) }
+        migration?.observer = { [weak self] event in
+            switch event {
+            case let .statusChanged(status): self?.emit(event: "MIGRATION", data: ["status": .string(status.rawValue)])
+            case let .passCompleted(pass): self?.emit(event: "MIGRATION_PASS", data: ["pass": .int(Int64(pass))])
+            }
+        }
     }
 
     /// The endpoints as bound (TCP port 0 resolved).

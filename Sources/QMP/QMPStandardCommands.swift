@@ -6,6 +6,7 @@ import Machine
 enum QMPStandardCommands {
     static func all(_ context: QMPContext) -> [QMPCommand] {
         runControl(context) + queries(context) + memory(context) + descriptors(context) + [humanMonitor(context)]
+            + (context.migration.map(migrationCommands) ?? [])
     }
 
     static func runControl(_ context: QMPContext) -> [QMPCommand] {
@@ -19,6 +20,10 @@ enum QMPStandardCommands {
                 switch machine.runState {
                 case .shutdown, .internalError:
                     throw .generic("Resetting the Virtual Machine is required")
+                case .inmigrate:
+                    // As QEMU: run as soon as the incoming migration has loaded.
+                    _ = context.migration?.requestAutostart()
+                    return .object([:])
                 default:
                     machine.resume()
                     return .object([:])

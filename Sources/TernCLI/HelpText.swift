@@ -67,6 +67,13 @@ public enum HelpText {
                            QEMU's older 'server,nowait' spelling works too. Without wait=off
                            tern waits for the first client before starting the guest.
 
+    Migration:
+      -incoming tcp:HOST:PORT | unix:PATH | exec:COMMAND | fd:N | defer
+                           Start as the destination of a live migration: the machine (same -m
+                           and -smp as the source) waits in 'inmigrate' for the stream, then
+                           runs (or stays paused with -S). 'defer' waits for QMP
+                           migrate-incoming. 'exec:cat FILE' restores a saved VM.
+
     Console:
       -serial stdio        COM1 on this terminal (the default): the guest's output, and your
                            keys to the guest. Ctrl-A x quits; Ctrl-A Ctrl-A sends Ctrl-A.

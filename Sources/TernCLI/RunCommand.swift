@@ -2,6 +2,7 @@ import Dispatch
 import Foundation
 import KVM
 import Machine
+import Migration
 import QMP
 
 /// `tern run`: build the machine, start it, wait for it to end.
@@ -32,10 +33,17 @@ public enum RunCommand {
             printError(error.description)
             return 1
         }
+        let descriptors = NamedDescriptors()
+        let migration = MigrationController(machine: machine) { descriptors.take(named: $0) }
+        migration.incomingFailed = { reason in
+            printError("load of migration failed: \(reason)")
+            exit(1)
+        }
         var monitor: QMPServer?
         if !options.monitors.isEmpty {
             do {
-                monitor = try QMPServer(machine: machine, endpoints: options.monitors)
+                monitor = try QMPServer(machine: machine, endpoints: options.monitors, descriptors: descriptors,
+                                        migration: migration)
             } catch {
                 printError(error.description)
                 return 1
@@ -45,6 +53,16 @@ public enum RunCommand {
         }
         let signalSources = installTerminationHandlers(machine)
         machine.start()
+        if let uri = options.incoming {
+            do {
+                try migration.startIncoming(uri: uri, autostart: !options.configuration.startPaused)
+            } catch {
+                printError("-incoming \(uri): \(error.message)")
+                machine.end(.hostQuit(cause: .signal, reason: "the incoming migration could not start"))
+                _ = machine.waitUntilEnded()
+                return 1
+            }
+        }
         let ending = machine.waitUntilEnded()
         signalSources.forEach { $0.cancel() }
         monitor?.stop()

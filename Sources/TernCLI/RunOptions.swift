@@ -9,11 +9,13 @@ public struct RunOptions: Equatable {
     public var configuration = MachineConfiguration()
     /// Every `-qmp` endpoint, in order.
     public var monitors: [QMPEndpoint] = []
+    /// `-incoming URI` or `-incoming defer`.
+    public var incoming: String?
     public var showHelp = false
 
     /// Options that take a value.
     static let valued: Set<String> = [
-        "m", "smp", "kernel", "initrd", "append", "serial", "name", "display", "machine", "M", "accel", "cpu", "qmp",
+        "m", "smp", "kernel", "initrd", "append", "serial", "name", "display", "machine", "M", "accel", "cpu", "qmp", "incoming",
     ]
     /// Options without a value.
     static let flags: Set<String> = [
@@ -79,6 +81,9 @@ public struct RunOptions: Equatable {
             case "accel":
                 guard value == "kvm" else { throw CommandLineError("tern run: -accel \(value): tern runs only on KVM") }
             case "cpu": configuration.exposeInvariantTSC = try Self.cpuModel(value)
+            case "incoming":
+                incoming = value
+                configuration.waitsForIncomingMigration = true
             case "qmp":
                 do {
                     monitors.append(try QMPEndpoint(parsing: value))

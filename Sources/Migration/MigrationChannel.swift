@@ -1,0 +1,163 @@
+import CSocket
+import Foundation
+
+/// Why a migration stream could not be written or read.
+public struct MigrationStreamError: Error, CustomStringConvertible, Equatable {
+    public let message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
+
+/// The sending end of a migration stream: buffered little-endian writes, page data written
+/// straight from guest memory, a byte count for the statistics, and a sticky error as in QEMU's
+/// QEMUFile, so the hot loop writes and checks once per batch.
+final class MigrationStreamWriter {
+    let descriptor: Int32
+    private var buffer: [UInt8] = []
+    private let bufferCapacity = 256 << 10
+    private(set) var bytesWritten: UInt64 = 0
+    private(set) var error: MigrationStreamError?
+
+    init(descriptor: Int32) {
+        self.descriptor = descriptor
+        buffer.reserveCapacity(bufferCapacity)
+    }
+
+    func append<T: FixedWidthInteger>(_ value: T) {
+        withUnsafeBytes(of: value.littleEndian) { buffer.append(contentsOf: $0) }
+        if buffer.count >= bufferCapacity { flush() }
+    }
+
+    func append(bytes: [UInt8]) {
+        buffer.append(contentsOf: bytes)
+        if buffer.count >= bufferCapacity { flush() }
+    }
+
+    /// Appends raw memory: copied through the buffer when small, written directly when large.
+    func append(memory: UnsafeRawPointer, count: Int) {
+        if count < 64 << 10 && buffer.count + count <= bufferCapacity {
+            buffer.append(contentsOf: UnsafeRawBufferPointer(start: memory, count: count))
+            return
+        }
+        flush()
+        writeFully(memory, count)
+    }
+
+    func flush() {
+        guard !buffer.isEmpty else { return }
+        buffer.withUnsafeBytes { writeFully($0.baseAddress!, $0.count) }
+        buffer.removeAll(keepingCapacity: true)
+    }
+
+    private func writeFully(_ pointer: UnsafeRawPointer, _ count: Int) {
+        guard error == nil else { return }
+        var offset = 0
+        while offset < count {
+            let n = csocket_send(descriptor, pointer + offset, count - offset, -1)
+            if n == -Int(ENOTSOCK) {
+                let written = write(descriptor, pointer + offset, count - offset) // a pipe (exec:) or file
+                if written < 0 && errno == EINTR { continue }
+                guard written > 0 else {
+                    error = MigrationStreamError("write to the migration stream failed: \(String(cString: strerror(errno)))")
+                    return
+                }
+                offset += written
+                continue
+            }
+            guard n > 0 else {
+                error = MigrationStreamError("write to the migration stream failed: \(String(cString: strerror(Int32(-n))))")
+                return
+            }
+            offset += n
+        }
+        bytesWritten += UInt64(count)
+    }
+
+    /// Bytes accepted so far, including those still buffered.
+    var position: UInt64 { bytesWritten + UInt64(buffer.count) }
+}
+
+/// The receiving end: exact reads, page data read straight into guest memory.
+final class MigrationStreamReader {
+    let descriptor: Int32
+    private var buffer = [UInt8](repeating: 0, count: 256 << 10)
+    private var start = 0
+    private var end = 0
+    private(set) var bytesRead: UInt64 = 0
+
+    init(descriptor: Int32) {
+        self.descriptor = descriptor
+    }
+
+    private func fill() throws(MigrationStreamError) {
+        start = 0
+        end = 0
+        while true {
+            let n = buffer.withUnsafeMutableBytes { Foundation.read(descriptor, $0.baseAddress!, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            if n < 0 { throw MigrationStreamError("read from the migration stream failed: \(String(cString: strerror(errno)))") }
+            if n == 0 { throw MigrationStreamError("the migration stream ended early (truncated stream or the source went away)") }
+            end = n
+            return
+        }
+    }
+
+    func read<T: FixedWidthInteger>(_ type: T.Type) throws(MigrationStreamError) -> T {
+        var value: T = 0
+        for index in 0..<MemoryLayout<T>.size {
+            if start == end { try fill() }
+            value |= T(buffer[start]) << (8 * index)
+            start += 1
+        }
+        bytesRead += UInt64(MemoryLayout<T>.size)
+        return value
+    }
+
+    /// Reads exactly `count` bytes into `destination`.
+    func read(into destination: UnsafeMutableRawPointer, count: Int) throws(MigrationStreamError) {
+        var done = min(count, end - start)
+        if done > 0 {
+            buffer.withUnsafeBytes { destination.copyMemory(from: $0.baseAddress! + start, byteCount: done) }
+            start += done
+        }
+        while done < count {
+            if count - done < 64 << 10 {
+                try fill()
+                let take = min(count - done, end - start)
+                buffer.withUnsafeBytes { (destination + done).copyMemory(from: $0.baseAddress! + start, byteCount: take) }
+                start += take
+                done += take
+                continue
+            }
+            let n = Foundation.read(descriptor, destination + done, count - done)
+            if n < 0 && errno == EINTR { continue }
+            if n < 0 { throw MigrationStreamError("read from the migration stream failed: \(String(cString: strerror(errno)))") }
+            if n == 0 { throw MigrationStreamError("the migration stream ended early (truncated stream or the source went away)") }
+            done += n
+        }
+        bytesRead += UInt64(count)
+    }
+
+    func readBytes(_ count: Int) throws(MigrationStreamError) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        if count > 0 {
+            let failure = bytes.withUnsafeMutableBytes { raw -> MigrationStreamError? in
+                do throws(MigrationStreamError) { try read(into: raw.baseAddress!, count: count); return nil } catch { return error }
+            }
+            if let failure { throw failure }
+        }
+        return bytes
+    }
+
+    /// Skips `count` bytes (a page record aimed at memory the loader refuses is never applied).
+    func skip(_ count: Int) throws(MigrationStreamError) {
+        var left = count
+        while left > 0 {
+            if start == end { try fill() }
+            let take = min(left, end - start)
+            start += take
+            left -= take
+        }
+        bytesRead += UInt64(count)
+    }
+}

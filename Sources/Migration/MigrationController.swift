@@ -1,0 +1,326 @@
+import Foundation
+import Machine
+import Synchronization
+
+/// A migration command refused, with QEMU's text.
+public struct MigrationError: Error, CustomStringConvertible, Equatable {
+    public let message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
+
+/// Something a monitor wants to know about: QMP turns these into MIGRATION and
+/// MIGRATION_PASS events.
+public enum MigrationEvent: Equatable, Sendable {
+    case statusChanged(MigrationStatus)
+    case passCompleted(Int)
+}
+
+/// The migration engine's front door: one outgoing migration at a time, the incoming side,
+/// capabilities, parameters, blockers and statistics. It sees the machine only through its
+/// run state, its memory, and the device state the machine saves and loads.
+public final class MigrationController: @unchecked Sendable {
+    // Sendable: mutable state lives in `state`, under its mutex; `observer` and `log` are set
+    // once before any migration starts.
+    struct State {
+        var statistics = MigrationStatistics()
+        var incoming = IncomingStatistics()
+        var capabilities: [MigrationCapability: Bool] = [:]
+        var parameters = MigrationParameters()
+        var blockers: [String] = []
+        var connection: MigrationConnection?
+        var incomingRequested = false
+        var incomingStarted = false
+        var incomingDeferred = false
+        var autostart = true
+    }
+
+    public let machine: Machine
+    private let state = Mutex(State())
+    private let descriptorNamed: @Sendable (String) -> Int32?
+    /// Told of status changes and passes.
+    public var observer: @Sendable (MigrationEvent) -> Void = { _ in }
+    /// Where transitions are logged (standard error by default).
+    public var log: @Sendable (String) -> Void = { message in
+        FileHandle.standardError.write(Data("tern: migration: \(message)\n".utf8))
+    }
+    /// Called when an incoming load fails: the command line prints it and exits non-zero.
+    public var incomingFailed: @Sendable (String) -> Void = { _ in }
+
+    public init(machine: Machine, descriptorNamed: @escaping @Sendable (String) -> Int32?) {
+        self.machine = machine
+        self.descriptorNamed = descriptorNamed
+        if machine.configuration.exposeInvariantTSC {
+            addBlocker("State blocked by non-migratable CPU device (invtsc flag)")
+        }
+    }
+
+    // MARK: state
+
+    public var status: MigrationStatus { state.withLock { $0.statistics.status } }
+    public var statistics: MigrationStatistics { state.withLock { $0.statistics } }
+    public var incomingStatistics: IncomingStatistics { state.withLock { $0.incoming } }
+    public var parameters: MigrationParameters { state.withLock { $0.parameters } }
+
+    func update(_ statistics: MigrationStatistics) {
+        state.withLock { state in
+            let status = state.statistics.status
+            state.statistics = statistics
+            state.statistics.status = status
+        }
+    }
+
+    /// Compare-and-set of the outgoing status: moves only from `old`, only along a legal
+    /// transition; logs the change and tells the observer.
+    @discardableResult
+    func transition(from old: MigrationStatus, to new: MigrationStatus) -> Bool {
+        let moved = state.withLock { state -> Bool in
+            guard state.statistics.status == old, old.canMove(to: new) else { return false }
+            state.statistics.status = new
+            return true
+        }
+        if moved {
+            log("\(old.rawValue) -> \(new.rawValue)")
+            if capability(.events) { observer(.statusChanged(new)) }
+        }
+        return moved
+    }
+
+    func passCompleted(_ pass: Int) {
+        if capability(.events) { observer(.passCompleted(pass)) }
+    }
+
+    // MARK: blockers, capabilities, parameters
+
+    /// Registers a reason this machine cannot migrate; the newest is reported first.
+    public func addBlocker(_ reason: String) {
+        state.withLock { $0.blockers.insert(reason, at: 0) }
+    }
+
+    public func capability(_ capability: MigrationCapability) -> Bool {
+        state.withLock { $0.capabilities[capability] ?? false }
+    }
+
+    public var capabilities: [(MigrationCapability, Bool)] {
+        state.withLock { state in MigrationCapability.allCases.map { ($0, state.capabilities[$0] ?? false) } }
+    }
+
+    /// Applies capability changes in order; refused while a migration is in setup or active,
+    /// and for capabilities tern does not implement yet.
+    public func setCapabilities(_ changes: [(MigrationCapability, Bool)]) throws(MigrationError) {
+        try state.withLock { (state) throws(MigrationError) in
+            let status = state.statistics.status
+            if status == .setup || status == .active || status == .postcopyActive {
+                throw MigrationError("There's a migration process in progress")
+            }
+            for (capability, enabled) in changes where enabled && !capability.isImplemented {
+                throw MigrationError("Capability '\(capability.rawValue)' is not supported by tern yet")
+            }
+            for (capability, enabled) in changes { state.capabilities[capability] = enabled }
+        }
+    }
+
+    /// Validates every value first, then applies them all (QEMU 2015 applied some before
+    /// failing; see docs/migration-reference.md).
+    public func setParameters(_ values: [(String, Int64)]) throws(MigrationError) {
+        for (name, value) in values {
+            if let error = MigrationParameters.validate(name, value) { throw MigrationError(error) }
+        }
+        state.withLock { state in for (name, value) in values { state.parameters.set(name, value) } }
+    }
+
+    /// `migrate_set_speed`: bytes per second, negative becomes 0 (unlimited below 10).
+    public func setSpeed(_ bytesPerSecond: Int64) {
+        state.withLock { $0.parameters.maxBandwidth = UInt64(max(bytesPerSecond, 0)) }
+    }
+
+    /// `migrate_set_downtime`: seconds as a float, clamped at 0.
+    public func setDowntime(seconds: Double) {
+        let nanoseconds = seconds * 1e9
+        let clamped: UInt64 = nanoseconds.isNaN || nanoseconds <= 0 ? 0
+            : nanoseconds >= Double(UInt64.max) ? .max : UInt64(nanoseconds)
+        state.withLock { $0.parameters.downtimeLimitNanoseconds = clamped }
+    }
+
+    // MARK: outgoing
+
+    /// Starts a migration to `uri` in the background. `blk` and `inc` ask for disk copies;
+    /// tern's machines have no disk, so they have nothing to add.
+    public func migrate(uri: String) throws(MigrationError) {
+        try state.withLock { (state) throws(MigrationError) in
+            if state.statistics.status.isInProgress { throw MigrationError("There's a migration process in progress") }
+            if state.incomingRequested || machine.runState == .inmigrate {
+                throw MigrationError("Guest is waiting for an incoming migration")
+            }
+            if let blocker = state.blockers.first { throw MigrationError(blocker) }
+            switch machine.runState {
+            case .shutdown, .internalError:
+                throw MigrationError("the guest has stopped (\(machine.runState.rawValue)); there is nothing to migrate")
+            default: break
+            }
+            var fresh = MigrationStatistics()
+            fresh.startMilliseconds = WallClock.milliseconds()
+            fresh.status = state.statistics.status
+            state.statistics = fresh
+        }
+        guard transition(from: status, to: .setup) else { throw MigrationError("There's a migration process in progress") }
+        let parsed: MigrationURI
+        do {
+            parsed = try MigrationURI(parsing: uri)
+        } catch {
+            fail("Parameter 'uri' expects a valid migration protocol")
+            throw MigrationError("Parameter 'uri' expects a valid migration protocol")
+        }
+        let connection: MigrationConnection
+        do {
+            connection = try MigrationConnection.connect(parsed, descriptorNamed: descriptorNamed)
+        } catch {
+            fail(error.message)
+            throw MigrationError(error.message)
+        }
+        state.withLock { $0.connection = connection }
+        let outgoing = OutgoingMigration(machine: machine, controller: self, connection: connection)
+        let thread = Thread {
+            outgoing.run()
+            self.state.withLock { $0.connection = nil }
+        }
+        thread.name = "migration"
+        thread.start()
+    }
+
+    private func fail(_ reason: String) {
+        state.withLock { $0.statistics.errorDescription = reason }
+        transition(from: .setup, to: .failed)
+    }
+
+    /// `migrate_cancel`: a migration in setup or active moves to cancelling, and its channel
+    /// is shut down so a write stuck on a dead peer returns at once. Otherwise nothing happens.
+    public func cancel() {
+        let current = status
+        guard current == .setup || current == .active || current == .postcopyActive else { return }
+        if transition(from: current, to: .cancelling) {
+            state.withLock { $0.connection }?.shutdownIO()
+        }
+    }
+
+    // MARK: incoming
+
+    /// `-incoming URI` at start-up, or `migrate-incoming` after `-incoming defer`.
+    public func startIncoming(uri: String, autostart: Bool) throws(MigrationError) {
+        if uri == "defer" {
+            try state.withLock { (state) throws(MigrationError) in
+                if state.incomingDeferred { throw MigrationError("Incoming migration already deferred") }
+                state.incomingDeferred = true
+                state.incomingRequested = true
+                state.autostart = autostart
+            }
+            return
+        }
+        let parsed: MigrationURI
+        do { parsed = try MigrationURI(parsing: uri) } catch {
+            throw MigrationError("unknown migration protocol: \(uri)")
+        }
+        var listener: IncomingListener?
+        var connection: MigrationConnection?
+        do throws(MigrationStreamError) {
+            switch parsed {
+            case .tcp, .unix:
+                listener = try IncomingListener(uri: parsed)
+            case let .exec(command):
+                connection = try MigrationConnection.spawn(command, sourceWrites: false)
+            case let .descriptor(name):
+                if let number = Int32(name), number >= 0, fcntl(number, F_GETFD) >= 0 {
+                    connection = MigrationConnection(descriptor: number)
+                } else if let named = descriptorNamed(name) {
+                    connection = MigrationConnection(descriptor: named)
+                } else {
+                    throw MigrationStreamError("File descriptor named '\(name)' has not been found")
+                }
+            }
+        } catch {
+            throw MigrationError(error.message)
+        }
+        state.withLock { state in
+            state.incomingRequested = true
+            state.incomingStarted = true
+            if !state.incomingDeferred { state.autostart = autostart }
+            state.incoming = IncomingStatistics()
+            state.incoming.status = .setup
+        }
+        log("incoming: waiting on \(uri)")
+        let ready = connection
+        let waiting = listener
+        let thread = Thread { [self] in
+            do throws(MigrationStreamError) {
+                let channel: MigrationConnection
+                if let ready { channel = ready } else { channel = try waiting!.accept() }
+                runIncoming(channel)
+            } catch {
+                incomingFailure(error.message)
+            }
+        }
+        thread.name = "migration-incoming"
+        thread.start()
+    }
+
+    /// `migrate-incoming`: only after `-incoming defer`, and only once.
+    public func startDeferredIncoming(uri: String) throws(MigrationError) {
+        let (deferred, started) = state.withLock { ($0.incomingDeferred, $0.incomingStarted) }
+        guard deferred else { throw MigrationError("For use with '-incoming defer'") }
+        guard !started else { throw MigrationError("The incoming migration has already been started") }
+        if uri == "defer" { throw MigrationError("Incoming migration already deferred") }
+        try startIncoming(uri: uri, autostart: state.withLock { $0.autostart })
+    }
+
+    /// `cont` while waiting for an incoming migration: run once it has loaded (QEMU's autostart).
+    public func requestAutostart() -> Bool {
+        guard machine.runState == .inmigrate else { return false }
+        state.withLock { $0.autostart = true }
+        return true
+    }
+
+    private func runIncoming(_ connection: MigrationConnection) {
+        state.withLock { $0.incoming.status = .active }
+        log("incoming: loading")
+        let incoming = IncomingMigration(machine: machine, descriptor: connection.descriptor)
+        let recorded: RunState
+        do {
+            recorded = try incoming.load { progress in
+                self.state.withLock { $0.incoming.pagesLoaded = progress.pagesLoaded; $0.incoming.bytesRead = progress.bytesRead }
+            }
+        } catch {
+            _ = connection.close()
+            incomingFailure(error.message)
+            return
+        }
+        _ = connection.close()
+        let autostart = state.withLock { $0.autostart }
+        if recorded == .running && autostart {
+            machine.resume(fromIncomingMigration: true)
+        } else {
+            machine.setStoppedState(.paused)
+        }
+        let started = WallClock.nanoseconds()
+        state.withLock { state in
+            state.incoming = incoming.statistics
+            state.incoming.status = .completed
+            if let stopped = incoming.sourceStoppedAt, started >= stopped {
+                state.incoming.guestDowntime = (started - stopped) / 1_000_000
+            }
+        }
+        log("incoming: completed, guest \(machine.runState.rawValue)")
+        if capability(.events) { observer(.statusChanged(.completed)) }
+    }
+
+    private func incomingFailure(_ reason: String) {
+        state.withLock { state in
+            state.incoming.status = .failed
+            state.incoming.errorDescription = reason
+        }
+        if capability(.events) { observer(.statusChanged(.failed)) }
+        incomingFailed(reason)
+    }
+
+    /// Whether this process is, or was, the destination of a migration.
+    public var isIncoming: Bool { state.withLock { $0.incomingRequested } }
+}

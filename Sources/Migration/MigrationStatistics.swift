@@ -1,0 +1,65 @@
+/// What `query-migrate` reports, kept up to date by the migration thread.
+public struct MigrationStatistics: Equatable, Sendable {
+    public var status: MigrationStatus = .none
+    /// Wall-clock milliseconds when the migration started (for total-time while active).
+    public var startMilliseconds: UInt64 = 0
+    public var totalTime: UInt64?
+    public var setupTime: UInt64?
+    public var downtime: UInt64?
+    public var expectedDowntime: UInt64?
+    public var transferred: UInt64 = 0
+    public var remaining: UInt64 = 0
+    public var total: UInt64 = 0
+    /// Zero pages, sent as a flag.
+    public var duplicate: UInt64 = 0
+    public var skipped: UInt64 = 0
+    /// Pages sent with their contents.
+    public var normal: UInt64 = 0
+    public var dirtyPagesRate: UInt64 = 0
+    public var mbps: Double = 0
+    public var dirtySyncCount: UInt64 = 0
+    public var errorDescription: String?
+
+    public init() {}
+
+    public var normalBytes: UInt64 { normal * MigrationStreamFormat.pageSize }
+}
+
+/// Statistics of the incoming side, for the destination's `query-migrate`.
+public struct IncomingStatistics: Equatable, Sendable {
+    public var status: MigrationStatus = .none
+    public var pagesLoaded: UInt64 = 0
+    public var zeroPagesLoaded: UInt64 = 0
+    public var bytesRead: UInt64 = 0
+    /// Milliseconds from the source's vCPU stop to this side's vCPU start (same clock on one
+    /// host; across hosts, as good as their clock synchronisation).
+    public var guestDowntime: UInt64?
+    public var errorDescription: String?
+
+    public init() {}
+}
+
+/// Wall-clock time, in milliseconds and nanoseconds since the epoch.
+public enum WallClock {
+    /// Milliseconds since the epoch.
+    public static var now: UInt64 { milliseconds() }
+
+    static func nanoseconds() -> UInt64 {
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
+    }
+
+    static func milliseconds() -> UInt64 { nanoseconds() / 1_000_000 }
+
+    /// Monotonic milliseconds, for intervals.
+    static func monotonicMilliseconds() -> UInt64 {
+        var now = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &now)
+        return UInt64(now.tv_sec) * 1000 + UInt64(now.tv_nsec) / 1_000_000
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif

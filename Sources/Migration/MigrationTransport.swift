@@ -1,0 +1,137 @@
+import CSocket
+import Foundation
+
+/// Where a migration goes or comes from, parsed from QEMU's URI syntax.
+public enum MigrationURI: Equatable, Sendable {
+    case tcp(host: String, port: String)
+    case unix(path: String)
+    /// A shell command: the source writes into its standard input, the destination reads its
+    /// standard output (so `exec:cat > FILE` and `exec:cat FILE` save and restore a VM).
+    case exec(command: String)
+    /// A descriptor passed with QMP `getfd` (by name), or inherited (by number, destination).
+    case descriptor(name: String)
+
+    /// Parses a URI; the error text is QEMU's for an unknown scheme.
+    public init(parsing uri: String) throws(MigrationStreamError) {
+        if uri.hasPrefix("tcp:") {
+            let rest = uri.dropFirst(4)
+            guard let colon = rest.lastIndex(of: ":"), !rest[rest.index(after: colon)...].isEmpty else {
+                throw MigrationStreamError("address resolution failed for \(rest): expected HOST:PORT")
+            }
+            var host = String(rest[..<colon])
+            if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+            self = .tcp(host: host, port: String(rest[rest.index(after: colon)...]))
+        } else if uri.hasPrefix("unix:"), uri.count > 5 {
+            self = .unix(path: String(uri.dropFirst(5)))
+        } else if uri.hasPrefix("exec:"), uri.count > 5 {
+            self = .exec(command: String(uri.dropFirst(5)))
+        } else if uri.hasPrefix("fd:"), uri.count > 3 {
+            self = .descriptor(name: String(uri.dropFirst(3)))
+        } else {
+            throw MigrationStreamError("unknown migration protocol: \(uri)")
+        }
+    }
+}
+
+/// An open migration channel: the descriptor to read or write, and the child process behind
+/// an `exec:` URI, reaped when the channel closes.
+final class MigrationConnection: @unchecked Sendable {
+    // Sendable: `descriptor` is fixed; `close` is called once by the owning thread, `shutdown`
+    // may come from a canceller (it only unblocks I/O).
+    let descriptor: Int32
+    private let child: Process?
+
+    init(descriptor: Int32, child: Process? = nil) {
+        self.descriptor = descriptor
+        self.child = child
+    }
+
+    /// Unblocks a read or write stuck on a dead or slow peer (used by migrate_cancel).
+    func shutdownIO() {
+        Foundation.shutdown(descriptor, Int32(SHUT_RDWR))
+    }
+
+    /// Closes the channel; for `exec:`, waits for the command and reports a failure exit.
+    func close() -> MigrationStreamError? {
+        Foundation.close(descriptor)
+        guard let child else { return nil }
+        child.waitUntilExit()
+        if child.terminationStatus != 0 {
+            return MigrationStreamError("the migration command exited with status \(child.terminationStatus)")
+        }
+        return nil
+    }
+
+    /// Connects the source side.
+    static func connect(_ uri: MigrationURI, descriptorNamed: (String) -> Int32?) throws(MigrationStreamError) -> MigrationConnection {
+        switch uri {
+        case let .tcp(host, port):
+            let fd = csocket_connect_tcp(host, port)
+            guard fd >= 0 else { throw MigrationStreamError("Failed to connect socket: \(String(cString: strerror(-fd)))") }
+            return MigrationConnection(descriptor: fd)
+        case let .unix(path):
+            let fd = csocket_connect_unix(path)
+            guard fd >= 0 else { throw MigrationStreamError("Failed to connect socket \(path): \(String(cString: strerror(-fd)))") }
+            return MigrationConnection(descriptor: fd)
+        case let .exec(command):
+            return try spawn(command, sourceWrites: true)
+        case let .descriptor(name):
+            guard let fd = descriptorNamed(name) else {
+                throw MigrationStreamError("File descriptor named '\(name)' has not been found")
+            }
+            return MigrationConnection(descriptor: fd)
+        }
+    }
+
+    /// Starts `/bin/sh -c command` with a pipe on its standard input (source) or output
+    /// (destination).
+    static func spawn(_ command: String, sourceWrites: Bool) throws(MigrationStreamError) -> MigrationConnection {
+        let pipe = Pipe()
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/bin/sh")
+        process.arguments = ["-c", command]
+        if sourceWrites { process.standardInput = pipe } else { process.standardOutput = pipe }
+        do {
+            try process.run()
+        } catch {
+            throw MigrationStreamError("cannot run migration command '\(command)': \(error.localizedDescription)")
+        }
+        let handle = sourceWrites ? pipe.fileHandleForWriting : pipe.fileHandleForReading
+        let fd = dup(handle.fileDescriptor)
+        try? pipe.fileHandleForWriting.close()
+        try? pipe.fileHandleForReading.close()
+        return MigrationConnection(descriptor: fd, child: process)
+    }
+}
+
+/// The destination's listening end for `-incoming tcp:` and `unix:`: bound at once (so errors
+/// show at start-up), accepting one connection.
+final class IncomingListener: @unchecked Sendable {
+    // Sendable: the descriptor is fixed; `cancel` only closes it.
+    let descriptor: Int32
+    let uri: MigrationURI
+
+    init(uri: MigrationURI) throws(MigrationStreamError) {
+        self.uri = uri
+        switch uri {
+        case let .tcp(host, port):
+            let fd = csocket_listen_tcp(host == "0" ? "" : host, port, 1, nil)
+            guard fd >= 0 else { throw MigrationStreamError("Failed to bind socket: \(String(cString: strerror(-fd)))") }
+            descriptor = fd
+        case let .unix(path):
+            let fd = csocket_listen_unix(path, 1)
+            guard fd >= 0 else { throw MigrationStreamError("Failed to bind socket to \(path): \(String(cString: strerror(-fd)))") }
+            descriptor = fd
+        default:
+            throw MigrationStreamError("internal: no listener for this URI")
+        }
+    }
+
+    func accept() throws(MigrationStreamError) -> MigrationConnection {
+        let fd = csocket_accept(descriptor)
+        Foundation.close(descriptor)
+        if case let .unix(path) = uri { unlink(path) }
+        guard fd >= 0 else { throw MigrationStreamError("accepting the migration connection failed: \(String(cString: strerror(-fd)))") }
+        return MigrationConnection(descriptor: fd)
+    }
+}

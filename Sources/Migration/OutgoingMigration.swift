@@ -1,0 +1,287 @@
+import CGuestMemory
+import Foundation
+import KVM
+import Machine
+
+/// The source side: one thread that sends RAM in passes and then the device state.
+///
+/// The loop follows QEMU's migration thread: while the current pass's remaining pages are at
+/// least the bytes that fit in the downtime limit at the measured bandwidth, send more (within
+/// the 100 ms window's allowance); when fewer remain, sync the dirty log (a new pass) and test
+/// again; when even after a sync they fit, stop the vCPUs, send the rest and the device state,
+/// and complete. Pages that read as zero go as a flag (counted as `duplicate`).
+final class OutgoingMigration: @unchecked Sendable {
+    // Sendable: run entirely on its own thread; shared results go through the controller.
+    private let machine: Machine
+    private let controller: MigrationController
+    private let connection: MigrationConnection
+    private let writer: MigrationStreamWriter
+    private let tracker: DirtyPageTracker
+    private let pageSize = MigrationStreamFormat.pageSize
+    /// Pages per batch before looking at the clock, cancellation and the window again.
+    private let batchPages = 256
+
+    private var bitmap: DirtyBitmap
+    private var cursor = 0
+    private var remainingPages = 0
+    private var stats = MigrationStatistics()
+    private var lastRateSync = WallClock.monotonicMilliseconds()
+    private var pagesDirtiedSinceRateSync = 0
+    private var dirtyBytesRate: UInt64 = 0
+    private var pagesSent: UInt64 = 0
+
+    init(machine: Machine, controller: MigrationController, connection: MigrationConnection) {
+        self.machine = machine
+        self.controller = controller
+        self.connection = connection
+        self.writer = MigrationStreamWriter(descriptor: connection.descriptor)
+        self.tracker = DirtyPageTracker(machine: machine)
+        self.bitmap = DirtyBitmap(pageCount: tracker.pageCount)
+    }
+
+    private var ram: GuestMemory { machine.memory }
+
+    /// The thread body.
+    func run() {
+        let setupStart = WallClock.monotonicMilliseconds()
+        stats = controller.statistics
+        stats.total = ram.size
+        var vmWasRunning = false
+        var stoppedForCompletion = false
+        var failure: String?
+
+        defer {
+            try? tracker.stop()
+            flushStatistics()
+        }
+
+        do {
+            try tracker.start()
+        } catch {
+            finish(failure: "cannot start dirty page tracking: \(error)", resumeIfStopped: false, wasRunning: false)
+            return
+        }
+        writer.append(bytes: MigrationStreamFormat.magic)
+        writer.append(MigrationStreamFormat.version)
+        writer.append(MigrationStreamFormat.RecordType.ramLayout.rawValue)
+        writer.append(ram.size)
+        writer.append(UInt32(pageSize))
+        sendUntouchedAsZero()
+        stats.setupTime = WallClock.monotonicMilliseconds() - setupStart
+        stats.expectedDowntime = controller.parameters.downtimeLimit
+        flushStatistics()
+        guard controller.transition(from: .setup, to: .active) else {
+            finish(failure: nil, resumeIfStopped: false, wasRunning: false)
+            return
+        }
+
+        var limiter = RateLimiter(bandwidth: controller.parameters.maxBandwidth,
+                                  now: WallClock.monotonicMilliseconds(), position: writer.position)
+        var maxSize: UInt64 = 0
+        loop: while controller.status == .active {
+            if !limiter.isExhausted(position: writer.position) {
+                var pending = UInt64(remainingPages) * pageSize
+                if pending < maxSize || remainingPages == 0 {
+                    if let error = syncDirtyLog() { failure = error; break loop }
+                    pending = UInt64(remainingPages) * pageSize
+                }
+                if pending > 0 && pending >= maxSize {
+                    sendBatch(limit: limiter.allowance(position: writer.position))
+                } else {
+                    stoppedForCompletion = true
+                    vmWasRunning = machine.pause(to: .finishMigrate)
+                    failure = complete(wasRunning: vmWasRunning)
+                    break loop
+                }
+            }
+            if let error = writer.error { failure = error.message; break loop }
+            let now = WallClock.monotonicMilliseconds()
+            if let window = limiter.closeWindowIfElapsed(now: now, position: writer.position) {
+                let bandwidth = window.milliseconds > 0 ? window.bytes / window.milliseconds : 0 // bytes per ms
+                maxSize = bandwidth * controller.parameters.downtimeLimitNanoseconds / 1_000_000
+                stats.mbps = window.milliseconds > 0 ? Double(window.bytes) * 8 / (Double(window.milliseconds) / 1000) / 1_000_000 : 0
+                if dirtyBytesRate > 0 && window.bytes > 10_000 && bandwidth > 0 {
+                    stats.expectedDowntime = dirtyBytesRate / bandwidth
+                }
+                limiter.limitPerWindow = RateLimiter.limit(for: controller.parameters.maxBandwidth)
+                flushStatistics()
+            }
+            if limiter.isExhausted(position: writer.position) {
+                usleep(UInt32(max(limiter.millisecondsLeft(now: now), 1) * 1000))
+            }
+        }
+        finish(failure: failure, resumeIfStopped: stoppedForCompletion, wasRunning: vmWasRunning)
+    }
+
+    /// Ends the migration as completed, failed or cancelled, and restarts the guest if this
+    /// migration stopped it and did not complete.
+    private func finish(failure: String?, resumeIfStopped: Bool, wasRunning: Bool) {
+        let closeError = connection.close()
+        let endTime = WallClock.monotonicMilliseconds()
+        let status = controller.status
+        if failure == nil && closeError == nil && status == .active && stats.downtime != nil {
+            stats.totalTime = WallClock.milliseconds() - stats.startMilliseconds
+            stats.remaining = 0
+            stats.dirtyPagesRate = 0
+            if let total = stats.totalTime, total > 0 {
+                stats.mbps = Double(writer.bytesWritten) * 8 / Double(total) / 1000
+            }
+            machine.setStoppedState(.postmigrate)
+            flushStatistics()
+            _ = controller.transition(from: .active, to: .completed)
+            return
+        }
+        _ = endTime
+        if resumeIfStopped {
+            machine.setStoppedState(.paused)
+            if wasRunning { machine.resume() }
+        }
+        if status == .cancelling {
+            _ = controller.transition(from: .cancelling, to: .cancelled)
+        } else {
+            stats.errorDescription = failure ?? closeError?.message ?? "the migration ended unexpectedly"
+            flushStatistics()
+            _ = controller.transition(from: status, to: .failed)
+        }
+    }
+
+    private func flushStatistics() {
+        stats.transferred = writer.position
+        stats.remaining = UInt64(remainingPages) * pageSize
+        controller.update(stats)
+    }
+
+    /// The first pass: pages the guest never touched are holes in guest RAM's memfd and go as
+    /// zero runs without being read; the rest are marked for sending.
+    private func sendUntouchedAsZero() {
+        var position: UInt64 = 0
+        let extents = ram.dataExtents(offset: 0, length: ram.size)
+        for extent in extents {
+            if extent.offset > position { sendZeroRun(page: Int(position / pageSize), count: Int((extent.offset - position) / pageSize)) }
+            let first = Int(extent.offset / pageSize)
+            let last = Int((extent.offset + extent.length + pageSize - 1) / pageSize)
+            for page in first..<min(last, bitmap.pageCount) { bitmap.set(page) }
+            position = UInt64(last) * pageSize
+        }
+        if position < ram.size { sendZeroRun(page: Int(position / pageSize), count: Int((ram.size - position) / pageSize)) }
+        remainingPages = bitmap.count
+        cursor = 0
+    }
+
+    private func sendZeroRun(page: Int, count: Int) {
+        var start = page
+        var left = count
+        while left > 0 {
+            let chunk = min(left, Int(MigrationStreamFormat.maximumPagesPerRecord))
+            writer.append(MigrationStreamFormat.RecordType.ramZero.rawValue)
+            writer.append(UInt64(start) * pageSize)
+            writer.append(UInt32(chunk))
+            stats.duplicate += UInt64(chunk)
+            pagesSent += UInt64(chunk)
+            start += chunk
+            left -= chunk
+        }
+    }
+
+    /// Fetches the dirty log: the next pass's pages, merged with any not yet sent.
+    private func syncDirtyLog() -> String? {
+        let fresh: DirtyBitmap
+        do { fresh = try tracker.collect() } catch { return "dirty log sync failed: \(error)" }
+        let dirtied = fresh.count
+        pagesDirtiedSinceRateSync += dirtied
+        var merged = fresh
+        if remainingPages > 0 {
+            var page = cursor
+            while let next = bitmap.nextSet(from: page) { merged.set(next); page = next + 1 }
+        }
+        bitmap = merged
+        cursor = 0
+        remainingPages = bitmap.count
+        stats.dirtySyncCount += 1
+        let now = WallClock.monotonicMilliseconds()
+        if now > lastRateSync + 1000 {
+            stats.dirtyPagesRate = UInt64(pagesDirtiedSinceRateSync) * 1000 / (now - lastRateSync)
+            dirtyBytesRate = stats.dirtyPagesRate * pageSize
+            pagesDirtiedSinceRateSync = 0
+            lastRateSync = now
+        }
+        controller.passCompleted(Int(stats.dirtySyncCount))
+        writer.append(MigrationStreamFormat.RecordType.passEnd.rawValue)
+        writer.append(UInt32(truncatingIfNeeded: stats.dirtySyncCount))
+        return nil
+    }
+
+    /// Sends up to `batchPages` marked pages from the cursor, within `limit` bytes.
+    private func sendBatch(limit: UInt64) {
+        var budget = Int(min(UInt64(batchPages), max(limit / pageSize, 1)))
+        while budget > 0, let start = bitmap.nextSet(from: cursor) {
+            let end = min(bitmap.nextClear(from: start), start + budget)
+            sendRun(from: start, to: end)
+            budget -= end - start
+            cursor = end
+            remainingPages -= end - start
+        }
+        if bitmap.nextSet(from: cursor) == nil { remainingPages = 0 }
+    }
+
+    /// Sends pages `start..<end`, splitting them into zero and data records.
+    private func sendRun(from start: Int, to end: Int) {
+        var page = start
+        while page < end {
+            let zero = isZero(page)
+            var stop = page + 1
+            while stop < end && isZero(stop) == zero { stop += 1 }
+            if zero {
+                sendZeroRun(page: page, count: stop - page)
+            } else {
+                let count = stop - page
+                writer.append(MigrationStreamFormat.RecordType.ramPages.rawValue)
+                writer.append(UInt64(page) * pageSize)
+                writer.append(UInt32(count))
+                writer.append(memory: ram.hostBase + page * Int(pageSize), count: count * Int(pageSize))
+                stats.normal += UInt64(count)
+                pagesSent += UInt64(count)
+            }
+            page = stop
+        }
+    }
+
+    private func isZero(_ page: Int) -> Bool {
+        cguest_is_zero(ram.hostBase + page * Int(pageSize), Int(pageSize)) != 0
+    }
+
+    /// The vCPUs are stopped: send every page still dirty, then the device state.
+    private func complete(wasRunning: Bool) -> String? {
+        let stopTime = WallClock.monotonicMilliseconds()
+        let stoppedAt = WallClock.nanoseconds()
+        if let error = syncDirtyLog() { return error }
+        while remainingPages > 0 {
+            sendBatch(limit: .max)
+            if let error = writer.error { return error.message }
+            if controller.status != .active { return "cancelled" }
+        }
+        let sections: [StateSection]
+        do {
+            sections = try machine.saveState(recordedRunState: wasRunning ? .running : .paused)
+        } catch {
+            return "saving the device state failed: \(error)"
+        }
+        for section in sections {
+            writer.append(MigrationStreamFormat.RecordType.device.rawValue)
+            let name = Array(section.name.utf8)
+            writer.append(UInt16(name.count))
+            writer.append(bytes: name)
+            writer.append(section.version)
+            writer.append(UInt32(section.payload.count))
+            writer.append(bytes: section.payload)
+        }
+        writer.append(MigrationStreamFormat.RecordType.sourceStopped.rawValue)
+        writer.append(stoppedAt)
+        writer.append(MigrationStreamFormat.RecordType.end.rawValue)
+        writer.append(pagesSent)
+        writer.flush()
+        if let error = writer.error { return error.message }
+        stats.downtime = WallClock.monotonicMilliseconds() - stopTime
+        return nil
+    }
+}
