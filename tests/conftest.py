@@ -48,23 +48,22 @@ def time_limit():
 
 @pytest.fixture
 def start_tern():
-    """A factory: start_tern(smp=, name=, paused=, append=, qmp=[specs], extra=[], wait_guest=)
+    """A factory: start_tern(smp=, name=, paused=, append=, qmp=[specs], extra=[], wait_guest=, probe=)
 
-    Starts tern, waits until every QMP address answers with a greeting and (wait_guest=True,
-    the default unless paused) until the guest has printed its first pass line. Every tern
+    Starts tern, waits (wait_guest=True) until the guest has printed its first pass line, and
+    (probe=True, the default) until every QMP address answers with a greeting. Every tern
     started is stopped afterwards: SIGTERM, then SIGKILL. A tern that died on its own during
     the test (and was not expected to) makes the test error in teardown.
     """
     started: list[Tern] = []
 
-    def start(*, wait_guest=None, **options) -> Tern:
+    def start(*, wait_guest=False, probe=True, **options) -> Tern:
         vm = Tern(workdir=new_workdir(), **options)
         started.append(vm)
-        vm.wait_for_qmp()
-        if wait_guest is None:
-            wait_guest = not options.get("paused", False)
         if wait_guest:
             vm.wait_passes(1, timeout=BOOT_TIMEOUT)
+        if probe:
+            vm.wait_for_qmp()
         return vm
 
     yield start
@@ -85,8 +84,14 @@ def start_tern():
 
 @pytest.fixture
 def tern(start_tern) -> Tern:
-    """tern with the built-in guest running (first pass line printed), QMP on a unix socket."""
+    """tern with the built-in guest started (not waited for), QMP ready on a unix socket."""
     return start_tern()
+
+
+@pytest.fixture
+def booted_tern(start_tern) -> Tern:
+    """tern whose guest has printed its first pass line (working set filled and checked)."""
+    return start_tern(wait_guest=True)
 
 
 @pytest.fixture

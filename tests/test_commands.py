@@ -180,8 +180,9 @@ async def test_pmemsave_command_line(tern):
 
 
 @asynctest
-async def test_pmemsave_working_set_headers(tern):
+async def test_pmemsave_working_set_headers(booted_tern):
     """Paused: every working-set page header is (generation << 32 | index), generation >= 1."""
+    tern = booted_tern
     dump = tern.workdir / "working-set"
     table_dump = tern.workdir / "generation-table"
     pages = WORKING_SET_BYTES // 4096
@@ -359,7 +360,8 @@ def check_digest(digest):
 
 
 @asynctest
-async def test_memory_digest_stable_while_paused_changes_when_running(tern):
+async def test_memory_digest_stable_while_paused_changes_when_running(booted_tern):
+    tern = booted_tern
     async with qmp_client(tern.address) as qmp:
         await execute(qmp, "stop")
         first = await execute(qmp, "x-query-memory-digest", timeout=15)
@@ -379,8 +381,9 @@ async def test_memory_digest_stable_while_paused_changes_when_running(tern):
 
 
 @asynctest
-async def test_memory_digest_is_sha256_of_ram(tern):
+async def test_memory_digest_is_sha256_of_ram(booted_tern):
     """With -m 128M RAM is one range from 0: the digest should be SHA-256 of its bytes in order."""
+    tern = booted_tern
     dump = tern.workdir / "all-ram"
     async with qmp_client(tern.address) as qmp:
         await execute(qmp, "stop")

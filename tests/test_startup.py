@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
+import time
 
 from tern_harness import asynctest, execute, free_tcp_port, next_event, qmp_client
 
@@ -11,10 +13,23 @@ RUNNING = {"status": "running", "running": True, "singlestep": False}
 
 
 @asynctest
-async def test_unix_socket_server_on_wait_off(tern):
-    # wait=off: the guest ran (the fixture saw a pass line) before any client connected.
-    assert stat.S_ISSOCK(os.stat(tern.sock).st_mode)
-    async with qmp_client(tern.sock) as qmp:
+async def test_wait_off_guest_runs_before_any_client(start_tern):
+    # wait=off: no client has connected, yet the guest runs.
+    vm = start_tern(probe=False, wait_guest=True)
+    assert stat.S_ISSOCK(os.stat(vm.sock).st_mode)
+    async with qmp_client(vm.sock) as qmp:
+        assert await execute(qmp, "query-status") == RUNNING
+
+
+@asynctest
+async def test_without_wait_off_tern_waits_for_a_client(start_tern):
+    # QEMU's default (wait=on): the guest starts only once a client has connected.
+    vm = start_tern(qmp=["unix:{dir}/w.sock,server=on"], probe=False)
+    vm.wait_until(lambda: os.path.exists(f"{vm.workdir}/w.sock"), "the socket to appear")
+    time.sleep(1.5)
+    assert "tern-guest" not in vm.log_text(), "the guest started before any QMP client connected"
+    async with qmp_client(f"{vm.workdir}/w.sock") as qmp:
+        await asyncio.to_thread(vm.wait_passes, 1)
         assert await execute(qmp, "query-status") == RUNNING
 
 

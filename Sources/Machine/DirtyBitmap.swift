@@ -16,6 +16,10 @@ public struct DirtyBitmap: Sendable {
         words[page / 64] |= 1 << UInt64(page % 64)
     }
 
+    public mutating func clear(_ page: Int) {
+        words[page / 64] &= ~(1 << UInt64(page % 64))
+    }
+
     public func isSet(_ page: Int) -> Bool {
         words[page / 64] & (1 << UInt64(page % 64)) != 0
     }

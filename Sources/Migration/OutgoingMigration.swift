@@ -246,6 +246,25 @@ final class OutgoingMigration: @unchecked Sendable {
         }
     }
 
+    /// Test hook: with TERN_TEST_DROP_DIRTY_PAGE=1 the final copy leaves out one dirty page
+    /// holding data, so a test can prove that the memory-digest check catches a lost page.
+    static let dropsOneDirtyPage = ProcessInfo.processInfo.environment["TERN_TEST_DROP_DIRTY_PAGE"] == "1"
+
+    private func dropOneDirtyPage() {
+        var page = cursor
+        while let candidate = bitmap.nextSet(from: page) {
+            if !isZero(candidate) {
+                bitmap.clear(candidate)
+                remainingPages -= 1
+                log("TEST HOOK: dropped dirty page at offset 0x\(String(UInt64(candidate) * pageSize, radix: 16))")
+                return
+            }
+            page = candidate + 1
+        }
+    }
+
+    private func log(_ message: String) { controller.log(message) }
+
     private func isZero(_ page: Int) -> Bool {
         cguest_is_zero(ram.hostBase + page * Int(pageSize), Int(pageSize)) != 0
     }
@@ -255,6 +274,7 @@ final class OutgoingMigration: @unchecked Sendable {
         let stopTime = WallClock.monotonicMilliseconds()
         let stoppedAt = WallClock.nanoseconds()
         if let error = syncDirtyLog() { return error }
+        if Self.dropsOneDirtyPage { dropOneDirtyPage() }
         while remainingPages > 0 {
             sendBatch(limit: .max)
             if let error = writer.error { return error.message }

@@ -8,6 +8,10 @@ public enum HelpText {
     Usage: tern <command> [options]
 
     Commands:
+      demo [options]       Start a VM and a destination, live-migrate it over loopback TCP with
+                           progress, verify memory and the guest's self-check, print a summary.
+      migrate --qmp SOCKET URI
+                           Live-migrate the VM behind a QMP socket to URI, with progress.
       run [options]        Start a virtual machine (QEMU's option spellings; see 'tern run --help').
                            With no -kernel it runs tern's built-in test guest.
       qmp SOCKET [COMMAND [ARGS-JSON]]

@@ -16,11 +16,17 @@ public enum Tern {
             return GuestImageCommand.main(arguments: rest)
         case "qmp":
             return QMPClientCommand.main(arguments: rest)
+        case "migrate":
+            return MigrateCommand.main(arguments: rest)
+        case "demo":
+            return DemoCommand.main(arguments: rest)
         case "help", "-h", "--help", "-help":
             switch rest.first {
             case "run": print(HelpText.run, terminator: "")
             case "guest-image": print(GuestImageCommand.usage, terminator: "")
             case "qmp": print(QMPClientCommand.usage, terminator: "")
+            case "migrate": print(MigrateCommand.usage, terminator: "")
+            case "demo": print(DemoCommand.usage, terminator: "")
             default: print(HelpText.overview, terminator: "")
             }
             return 0
@@ -28,7 +34,7 @@ public enum Tern {
             print("tern \(HelpText.version)")
             return 0
         default:
-            printError("unknown command '\(command)' (commands: run, qmp, guest-image, help; see tern --help)")
+            printError("unknown command '\(command)' (commands: demo, run, migrate, qmp, guest-image, help; see tern --help)")
             return 2
         }
     }

@@ -1,0 +1,149 @@
+import Foundation
+import QMP
+
+/// `tern migrate --qmp SOCKET URI`: drives a migration over QMP with a live progress line.
+public enum MigrateCommand {
+    public static let usage = """
+    Usage: tern migrate --qmp SOCKET [--speed BYTES|unlimited] [--downtime MS] URI
+
+    Starts a live migration on the tern (or QEMU) behind the QMP socket SOCKET, to URI
+    (tcp:HOST:PORT, unix:PATH, exec:COMMAND, fd:NAME), shows its progress (pass, transferred
+    and remaining, throughput, dirty rate, expected downtime) and a summary at the end.
+    Exits 0 when the migration completes, 1 when it fails or is cancelled.
+
+      --speed BYTES    maximum bandwidth in bytes/s (K/M/G suffixes), or 'unlimited'
+                       (default: what the source has, 32M unless changed)
+      --downtime MS    the downtime limit in milliseconds (default 300)
+
+    """
+
+    /// The numbers a finished migration reports, for the demo's summary.
+    struct Outcome {
+        var info: JSONObject
+        var succeeded: Bool
+    }
+
+    public static func main(arguments: [String]) -> Int32 {
+        var socket: String?
+        var speed: Int64?
+        var downtime: Double?
+        var uri: String?
+        var index = 0
+        while index < arguments.count {
+            let argument = arguments[index]
+            index += 1
+            func value() -> String? {
+                guard index < arguments.count else { return nil }
+                index += 1
+                return arguments[index - 1]
+            }
+            switch argument {
+            case "-h", "--help":
+                print(usage, terminator: "")
+                return 0
+            case "--qmp":
+                socket = value()
+            case "--speed":
+                guard let text = value() else { printError("migrate: --speed needs a value"); return 2 }
+                if text == "unlimited" { speed = Int64.max / 2 } else if let bytes = SizeParser.parse(text) { speed = Int64(clamping: bytes) } else {
+                    printError("migrate: --speed \(text): expected bytes per second (e.g. 1G) or 'unlimited'")
+                    return 2
+                }
+            case "--downtime":
+                guard let text = value(), let milliseconds = Double(text), milliseconds >= 0 else {
+                    printError("migrate: --downtime needs milliseconds, e.g. --downtime 300")
+                    return 2
+                }
+                downtime = milliseconds / 1000
+            default:
+                if argument.hasPrefix("-") {
+                    printError("migrate: unknown option '\(argument)' (see tern migrate --help)")
+                    return 2
+                }
+                guard uri == nil else { printError("migrate: more than one URI given"); return 2 }
+                uri = argument
+            }
+        }
+        guard let socket, let uri else {
+            printError("migrate: needs --qmp SOCKET and a URI (see tern migrate --help)")
+            return 2
+        }
+        do {
+            let connection = try QMPConnection(address: socket)
+            _ = try connection.receiveMessage()
+            _ = try connection.execute("qmp_capabilities", arguments: nil)
+            let outcome = try run(connection, uri: uri, speed: speed, downtime: downtime)
+            printSummary(outcome.info)
+            return outcome.succeeded ? 0 : 1
+        } catch {
+            printError("migrate: \(error)")
+            return 1
+        }
+    }
+
+    /// Starts the migration and follows it to its end, printing progress on standard error.
+    static func run(_ connection: QMPConnection, uri: String, speed: Int64?, downtime: Double?) throws -> Outcome {
+        if let speed { try check(connection.execute("migrate_set_speed", arguments: ["value": .int(speed)])) }
+        if let downtime { try check(connection.execute("migrate_set_downtime", arguments: ["value": .double(downtime)])) }
+        try check(connection.execute("migrate", arguments: ["uri": .string(uri)]))
+        let interactive = isatty(STDERR_FILENO) == 1
+        var lastLine = 0.0
+        while true {
+            let reply = try connection.execute("query-migrate", arguments: nil)
+            let info = reply.objectValue?["return"]?.objectValue ?? [:]
+            let status = info["status"]?.stringValue ?? "none"
+            let now = Date().timeIntervalSince1970
+            if status == "active" || status == "setup" {
+                if interactive || now - lastLine >= 1 {
+                    let line = progressLine(info)
+                    if interactive {
+                        FileHandle.standardError.write(Data("\r\u{1b}[K\(line)".utf8))
+                    } else {
+                        FileHandle.standardError.write(Data("\(line)\n".utf8))
+                    }
+                    lastLine = now
+                }
+            } else if status != "none" {
+                if interactive { FileHandle.standardError.write(Data("\r\u{1b}[K".utf8)) }
+                return Outcome(info: info, succeeded: status == "completed")
+            }
+            usleep(50_000)
+        }
+    }
+
+    static func check(_ reply: JSONValue) throws {
+        if let error = reply.objectValue?["error"]?.objectValue {
+            throw QMPConnection.ConnectionError(description: error["desc"]?.stringValue ?? reply.serialized)
+        }
+    }
+
+    static func mebibytes(_ value: JSONValue?) -> String {
+        String(format: "%.1f MiB", Double(value?.int64Value ?? 0) / 1_048_576)
+    }
+
+    static func progressLine(_ info: JSONObject) -> String {
+        let ram = info["ram"]?.objectValue ?? [:]
+        let mbps: Double = if case let .double(value)? = ram["mbps"] { value } else { Double(ram["mbps"]?.int64Value ?? 0) }
+        return "migrate: \(info["status"]?.stringValue ?? "?") pass \(ram["dirty-sync-count"]?.int64Value ?? 0)"
+            + "  transferred \(mebibytes(ram["transferred"]))  remaining \(mebibytes(ram["remaining"]))"
+            + String(format: "  %.0f MiB/s", mbps * 1_000_000 / 8 / 1_048_576)
+            + "  dirty \(ram["dirty-pages-rate"]?.int64Value ?? 0) pages/s"
+            + "  expected downtime \(info["expected-downtime"]?.int64Value ?? 0) ms"
+    }
+
+    static func printSummary(_ info: JSONObject) {
+        let status = info["status"]?.stringValue ?? "?"
+        var lines = ["migration \(status)"]
+        if let error = info["error-desc"]?.stringValue { lines.append("  error: \(error)") }
+        if let ram = info["ram"]?.objectValue {
+            lines.append("  total time      \(info["total-time"]?.int64Value ?? 0) ms (setup \(info["setup-time"]?.int64Value ?? 0) ms)")
+            lines.append("  downtime        \(info["downtime"]?.int64Value ?? 0) ms (source vCPUs stopped until the last byte was sent)")
+            lines.append("  transferred     \(mebibytes(ram["transferred"])) of \(mebibytes(ram["total"])) RAM")
+            lines.append("  pages           \(ram["normal"]?.int64Value ?? 0) sent, \(ram["duplicate"]?.int64Value ?? 0) zero")
+            lines.append("  passes          \(ram["dirty-sync-count"]?.int64Value ?? 0) dirty-log syncs")
+            let mbps: Double = if case let .double(value)? = ram["mbps"] { value } else { 0 }
+            lines.append(String(format: "  throughput      %.0f Mbit/s", mbps))
+        }
+        print(lines.joined(separator: "\n"))
+    }
+}
