@@ -7,6 +7,8 @@ import re
 import socket
 import time
 
+import pytest
+
 from tern_harness import RawQMP, assert_error, connect_unix, proc_kib, raw_session
 
 RUNNING = {"status": "running", "running": True, "singlestep": False}
@@ -89,6 +91,49 @@ def test_endless_junk_does_not_grow_memory(start_tern):
     assert rss_during < 200 * 1024, f"VmRSS {rss_during} KiB after {junk_size >> 20} MiB of junk"
     assert growth_mib < 32, (f"peak memory grew by {growth_mib:.0f} MiB while reading {junk_size >> 20} MiB of "
                              f"junk (VmRSS {rss_before} -> {rss_during} KiB, VmHWM {hwm_before} -> {hwm_during} KiB)")
+    server_still_works(vm)
+
+
+JUNK_VARIANTS = {
+    # name: (the unit repeated, how it may end so a parser could resynchronise)
+    "digits": (b"1", b"\n"),
+    "open-string": (b'"' + b"a" * 1023, b'"\n'),
+    "open-brackets": (b"[", b"\n"),
+    "open-objects": (b'{"a":', b"\n"),
+}
+
+
+@pytest.mark.parametrize("variant", list(JUNK_VARIANTS))
+def test_endless_token_junk_does_not_grow_memory(start_tern, variant):
+    """12 MiB of one never-ending JSON token or nesting: refused, not stored.
+
+    (Smaller than the 64 MiB test above: a debug build of tern reads only a few MiB/s.)
+    """
+    unit, ending = JUNK_VARIANTS[variant]
+    junk_size = 12 << 20
+    vm = start_tern(paused=True)
+    with raw_session(vm.address) as client:
+        time.sleep(0.2)
+        rss_before = proc_kib(vm.pid, "VmRSS")
+        hwm_before = proc_kib(vm.pid, "VmHWM")
+        junk = unit * (junk_size // len(unit))
+        if variant == "open-string":
+            junk = b'"' + junk.replace(b'"', b"a")
+        send_all_tolerating_close(client, junk, chunk=4 << 20)
+        time.sleep(0.3)
+        vm.assert_alive()
+        rss_during = proc_kib(vm.pid, "VmRSS")
+        hwm_during = proc_kib(vm.pid, "VmHWM")
+        send_all_tolerating_close(client, ending)
+        # Some refusal must have been sent: the input passed the 1 MiB limit long ago.
+        try:
+            reply = client.reply(timeout=3)
+            assert_error(reply, "GenericError")
+        except (EOFError, ConnectionResetError):
+            pass
+    growth_mib = max(hwm_during - hwm_before, rss_during - rss_before) / 1024
+    assert growth_mib < 8, (f"peak memory grew by {growth_mib:.0f} MiB while reading {junk_size >> 20} MiB of "
+                             f"{variant} (VmRSS {rss_before} -> {rss_during} KiB, VmHWM {hwm_before} -> {hwm_during} KiB)")
     server_still_works(vm)
 
 

@@ -5,11 +5,13 @@ import Machine
 
 /// The source side: one thread that sends RAM in passes and then the device state.
 ///
-/// The loop follows QEMU's migration thread: while the current pass's remaining pages are at
-/// least the bytes that fit in the downtime limit at the measured bandwidth, send more (within
-/// the 100 ms window's allowance); when fewer remain, sync the dirty log (a new pass) and test
-/// again; when even after a sync they fit, stop the vCPUs, send the rest and the device state,
-/// and complete. Pages that read as zero go as a flag (counted as `duplicate`).
+/// The loop follows QEMU's migration thread: send pages within each 100 ms window's allowance;
+/// measure the bandwidth per window; at the end of each pass sync the dirty log and apply the
+/// downtime test — the pending bytes must be below bandwidth × downtime limit — before
+/// stopping the vCPUs, sending the rest and the device state, and completing. Unlike QEMU,
+/// tern finishes a pass before testing and keeps going while passes still halve the dirty set
+/// (`anotherPassPays`), which makes the final copy, and so the downtime, much smaller.
+/// Pages that read as zero go as a flag (counted as `duplicate`).
 final class OutgoingMigration: @unchecked Sendable {
     // Sendable: run entirely on its own thread; shared results go through the controller.
     private let machine: Machine
@@ -78,14 +80,20 @@ final class OutgoingMigration: @unchecked Sendable {
         var limiter = RateLimiter(bandwidth: controller.parameters.maxBandwidth,
                                   now: WallClock.monotonicMilliseconds(), position: writer.position)
         var maxSize: UInt64 = 0
+        var previousPassBytes = UInt64(remainingPages) * pageSize
         loop: while controller.status == .active {
             if !limiter.isExhausted(position: writer.position) {
                 var pending = UInt64(remainingPages) * pageSize
-                if pending < maxSize || remainingPages == 0 {
+                var converged = false
+                if remainingPages == 0 {
+                    // A pass is done: sync, then apply the downtime test to what is left.
                     if let error = syncDirtyLog() { failure = error; break loop }
                     pending = UInt64(remainingPages) * pageSize
+                    converged = !Self.anotherPassPays(pending: pending, previous: previousPassBytes,
+                                                      passes: Int(stats.dirtySyncCount))
+                    previousPassBytes = pending
                 }
-                if pending > 0 && pending >= maxSize {
+                if pending > 0 && (pending >= maxSize || !converged) {
                     sendBatch(limit: limiter.allowance(position: writer.position))
                 } else {
                     stoppedForCompletion = true
@@ -209,6 +217,15 @@ final class OutgoingMigration: @unchecked Sendable {
         writer.append(MigrationStreamFormat.RecordType.passEnd.rawValue)
         writer.append(UInt32(truncatingIfNeeded: stats.dirtySyncCount))
         return nil
+    }
+
+    /// After a pass, whether one more pass (with the guest running) would shrink the final copy
+    /// enough to be worth it: the dirty set is still more than 256 KiB and at most half the last
+    /// pass's. QEMU stops as soon as the remainder fits the downtime limit; tern also requires
+    /// that, but first lets a converging guest converge further, so the guest is stopped for
+    /// the remainder's tail rather than up to the whole limit.
+    static func anotherPassPays(pending: UInt64, previous: UInt64, passes: Int) -> Bool {
+        pending > 256 << 10 && pending * 2 <= previous && passes < 30
     }
 
     /// Sends up to `batchPages` marked pages from the cursor, within `limit` bytes.
