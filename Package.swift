@@ -29,6 +29,8 @@ let package = Package(
         // Layer 5: the command line (option parsing, help, subcommands) as a library so tests reach it.
         .target(name: "TernCLI", dependencies: ["QMP", "Migration", "Machine", "KVM", "CSocket"]),
         .executableTarget(name: "tern", dependencies: ["TernCLI"]),
+        // Micro-benchmarks that need a live VM; run through bench/dirty-sync.
+        .executableTarget(name: "tern-bench", dependencies: ["Machine"]),
         .testTarget(name: "TernUnitTests", dependencies: ["TernCLI", "QMP", "Machine", "KVM", "CKVM"]),
         .testTarget(name: "TernIntegrationTests", dependencies: ["tern", "TernCLI", "QMP", "Machine", "KVM"]),
     ],
