@@ -31,8 +31,8 @@ let package = Package(
         .executableTarget(name: "tern", dependencies: ["TernCLI"]),
         // Micro-benchmarks that need a live VM; run through bench/dirty-sync.
         .executableTarget(name: "tern-bench", dependencies: ["Machine"]),
-        .testTarget(name: "TernUnitTests", dependencies: ["TernCLI", "QMP", "Machine", "KVM", "CKVM"]),
-        .testTarget(name: "TernIntegrationTests", dependencies: ["tern", "TernCLI", "QMP", "Machine", "KVM"]),
+        .testTarget(name: "TernUnitTests", dependencies: ["TernCLI", "QMP", "Migration", "Machine", "KVM", "CKVM"]),
+        .testTarget(name: "TernIntegrationTests", dependencies: ["tern", "TernCLI", "QMP", "Migration", "Machine", "KVM"]),
     ],
     swiftLanguageModes: [.v6]
 )

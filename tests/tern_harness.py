@@ -74,7 +74,9 @@ def proc_status(pid: int) -> dict:
 
 def proc_kib(pid: int, key: str) -> int:
     """A '... kB' field of /proc/PID/status (VmRSS, VmHWM) in KiB."""
-    return int(proc_status(pid)[key].split()[0])
+    status = proc_status(pid)
+    assert key in status, f"/proc/{pid}/status has no {key}: the process has exited"
+    return int(status[key].split()[0])
 
 
 class Tern:

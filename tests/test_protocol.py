@@ -166,6 +166,8 @@ BAD_INPUTS = {
                          "QMP input member 'arguments' must be an object", None),
     "unexpected-member": (b'{"execute": "query-status", "foo": 1}', "GenericError",
                           "QMP input member 'foo' is unexpected", None),
+    "exec-oob-not-negotiated": (b'{"exec-oob": "query-status"}', "GenericError",
+                                "QMP input member 'exec-oob' is unexpected", None),
     "unknown-command": (b'{"execute": "foo"}', "CommandNotFound", "The command foo has not been found", None),
     "missing-argument": (b'{"execute": "pmemsave", "arguments": {"val": 0, "size": 1}}', "GenericError",
                          "Parameter 'filename' is missing", None),
