@@ -149,7 +149,8 @@ public final class MigrationController: @unchecked Sendable {
     public func migrate(uri: String) throws(MigrationError) {
         try state.withLock { (state) throws(MigrationError) in
             if state.statistics.status.isInProgress { throw MigrationError("There's a migration process in progress") }
-            if state.incomingRequested || machine.runState == .inmigrate {
+            // A destination may migrate on once its incoming migration has loaded (ping-pong).
+            if machine.runState == .inmigrate {
                 throw MigrationError("Guest is waiting for an incoming migration")
             }
             if let blocker = state.blockers.first { throw MigrationError(blocker) }
