@@ -76,8 +76,8 @@ def start_tern():
         status = vm.terminate()
         if status is None:
             problems.append(f"tern pid {vm.pid} survived SIGKILL")
-        if not problems:
-            shutil.rmtree(vm.workdir, ignore_errors=True)
+        # Diagnostics are in the failure messages; the directory may hold large pmemsave dumps.
+        shutil.rmtree(vm.workdir, ignore_errors=True)
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
 

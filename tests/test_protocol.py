@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -225,7 +226,6 @@ def test_pipelined_commands_answered_in_order(tern):
 
 
 def test_command_split_across_writes(tern):
-    import time
     with raw_session(tern.address) as client:
         message = b'{"execute": "query-status", "id": "split"}\n'
         for i in range(0, len(message), 5):

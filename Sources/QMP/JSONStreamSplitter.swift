@@ -46,13 +46,16 @@ public struct JSONStreamSplitter {
             return nil
         }
         let isWhitespace = byte == 0x20 || byte == 0x0a || byte == 0x0d || byte == 0x09
-        if !inString && !Self.tokenBytes.contains(byte) {
+        // Outside a string, a byte that is not JSON; inside one, a raw control character
+        // (as QEMU's lexer, which takes only 0x20 and up in strings): an error right away.
+        if inString ? byte < 0x20 : !Self.tokenBytes.contains(byte) {
             // Not JSON: hand over what we have, with this byte, for the parser to reject.
             let piece = buffer + [byte]
             let wasDiscarding = discarding
             buffer.removeAll()
             depth = 0
             inScalar = false
+            inString = false
             escaped = false
             discarding = false
             recovering = byte != 0x0a

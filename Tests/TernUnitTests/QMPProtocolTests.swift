@@ -56,6 +56,13 @@ struct QMPProtocolTests {
         #expect(pieces == [.text(Array("{b".utf8)), .text(Array("{\"ok\": 1}".utf8))])
     }
 
+    @Test("a raw control character inside a string is an error at once, and the next request is read")
+    func controlCharacterInString() {
+        var splitter = JSONStreamSplitter()
+        let pieces = splitter.feed(Array("{\"execute\": \"query-status}\n{\"execute\": \"x\"}\n".utf8))
+        #expect(pieces == [.text(Array("{\"execute\": \"query-status}\n".utf8)), .text(Array("{\"execute\": \"x\"}".utf8))])
+    }
+
     @Test("an oversized value is reported once and never stored")
     func oversized() {
         var splitter = JSONStreamSplitter(maximumSize: 1024)
