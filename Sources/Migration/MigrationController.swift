@@ -249,6 +249,7 @@ public final class MigrationController: @unchecked Sendable {
             state.incoming.status = .setup
         }
         log("incoming: waiting on \(uri)")
+        if capability(.events) { observer(.statusChanged(.setup)) }
         let ready = connection
         let waiting = listener
         let thread = Thread { [self] in
@@ -283,6 +284,7 @@ public final class MigrationController: @unchecked Sendable {
     private func runIncoming(_ connection: MigrationConnection) {
         state.withLock { $0.incoming.status = .active }
         log("incoming: loading")
+        if capability(.events) { observer(.statusChanged(.active)) }
         let incoming = IncomingMigration(machine: machine, descriptor: connection.descriptor)
         let recorded: RunState
         do {
