@@ -18,6 +18,9 @@ public final class Machine: @unchecked Sendable {
     let system: KVMSystem
     let virtualMachine: VirtualMachine
     let vcpus: [VCPU]
+    /// The MSRs saved for migration that this host's KVM supports, looked up once so that
+    /// saving state while the guest is stopped costs no extra system call.
+    let migratedMSRIndices: [UInt32]
     let bus: PortIOBus
     let serial: Serial16550
     let keyboardController: I8042Controller
@@ -113,6 +116,8 @@ public final class Machine: @unchecked Sendable {
         bus.map(base: I8042Controller.dataPort, count: I8042Controller.portCount, to: keyboardController)
         self.bus = bus
 
+        let hostMSRs = Set((try? system.msrIndexList()) ?? [])
+        self.migratedMSRIndices = VCPUState.migratedMSRs.filter { hostMSRs.contains($0) }
         do {
             let supported = try system.supportedCPUID()
             let template = CPUIDTemplate(supported: supported, cpuCount: configuration.cpuCount,

@@ -34,8 +34,7 @@ extension Machine {
         }
         sections.append(serial.saveState())
         sections.append(keyboardController.saveState())
-        let supported = Set((try? system.msrIndexList()) ?? [])
-        let msrs = VCPUState.migratedMSRs.filter { supported.contains($0) }
+        let msrs = migratedMSRIndices
         for (index, thread) in vcpuThreads.enumerated() {
             let result = thread.perform { vcpu -> Result<VCPUState, KVMError> in
                 do throws(KVMError) { return .success(try VCPUState.save(vcpu, msrIndices: msrs)) } catch { return .failure(error) }
