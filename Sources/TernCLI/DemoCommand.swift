@@ -164,7 +164,7 @@ public enum DemoCommand {
         throw DemoError(description: "no QMP socket at \(socket)")
     }
 
-    static func freePort() throws -> Int32 {
+    static func freePort() throws -> Int32 { // also used by tests
         var port: Int32 = 0
         let fd = csocket_listen_tcp("127.0.0.1", "0", 1, &port)
         guard fd >= 0 else { throw DemoError(description: "cannot find a free TCP port") }
