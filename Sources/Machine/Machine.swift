@@ -26,6 +26,8 @@ public final class Machine: @unchecked Sendable {
     let keyboardController: I8042Controller
     let console: SerialConsole
     private var threads: [VCPUThread] = []
+    private let startedCondition = NSCondition()
+    private var started = false
 
     struct LifecycleState {
         var runState: RunState
@@ -150,9 +152,21 @@ public final class Machine: @unchecked Sendable {
             }
         }
         threads.forEach { $0.start() }
+        startedCondition.lock()
+        started = true
+        startedCondition.broadcast()
+        startedCondition.unlock()
         console.startInput(to: serial) { [weak self] in
             self?.end(.hostQuit(cause: .console, reason: "Ctrl-A x on the console"))
         }
+    }
+
+    /// Blocks until `start()` has created the vCPU threads. A monitor can accept commands
+    /// before that (QMP's wait=on, `-incoming`); state save and load wait here first.
+    public func waitUntilStarted() {
+        startedCondition.lock()
+        while !started { startedCondition.wait() }
+        startedCondition.unlock()
     }
 
     public var runState: RunState {

@@ -24,6 +24,7 @@ final class IncomingMigration {
 
     /// Loads the whole stream. Returns the run state the source recorded.
     func load(progress: (IncomingStatistics) -> Void) throws(MigrationStreamError) -> RunState {
+        machine.waitUntilStarted() // the vCPU threads must exist to take their state
         let magic = try reader.readBytes(MigrationStreamFormat.magic.count)
         guard magic == MigrationStreamFormat.magic else {
             throw MigrationStreamError("not a tern migration stream (bad magic)")

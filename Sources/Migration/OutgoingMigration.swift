@@ -45,6 +45,7 @@ final class OutgoingMigration: @unchecked Sendable {
 
     /// The thread body.
     func run() {
+        machine.waitUntilStarted() // a monitor may ask before the vCPU threads exist
         let setupStart = WallClock.monotonicMilliseconds()
         stats = controller.statistics
         stats.total = ram.size

@@ -48,12 +48,21 @@ public enum RunCommand {
                 printError(error.description)
                 return 1
             }
-            monitor?.start()
-            monitor?.waitForFirstClientIfRequested { printError($0) }
+        }
+        // `-incoming defer` must be registered before any client can send migrate-incoming.
+        if options.incoming == "defer" {
+            do { try migration.startIncoming(uri: "defer", autostart: !options.configuration.startPaused) } catch {
+                printError("-incoming defer: \(error.message)")
+                return 1
+            }
+        }
+        if let monitor {
+            monitor.start()
+            monitor.waitForFirstClientIfRequested { printError($0) }
         }
         let signalSources = installTerminationHandlers(machine)
         machine.start()
-        if let uri = options.incoming {
+        if let uri = options.incoming, uri != "defer" {
             do {
                 try migration.startIncoming(uri: uri, autostart: !options.configuration.startPaused)
             } catch {
