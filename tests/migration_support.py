@@ -2,17 +2,16 @@
 destinations, qemu.qmp sessions with bounded waits, and a reader for tern's migration stream
 (so the tests can damage it at chosen records).
 
-Self-contained on purpose (it does not build on tern_harness.Tern): a migration test needs
-options that class does not take (-incoming, an environment, inherited descriptors).
+Its `VM` shares the output helpers of tern_harness (`TernOutput`) but starts tern its own way: a
+migration test needs options `tern_harness.Tern` does not take (-incoming, an environment,
+inherited descriptors).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
-import re
 import shutil
 import signal
 import socket
@@ -25,8 +24,8 @@ from typing import Any, Callable, Iterable, Optional
 
 from qemu.qmp import ExecuteError, QMPClient
 
-REPO = Path(__file__).resolve().parent.parent
-TERN_BINARY = os.environ.get("TERN_BINARY") or str(REPO / ".build" / "debug" / "tern")
+from tern_harness import PASS_LINE, START_LINE, TERN_BINARY, TernOutput, asynctest, free_tcp_port
+from tern_harness import skip_reason as harness_skip_reason
 
 MEMORY = "128M"
 MEMORY_BYTES = 128 << 20
@@ -39,36 +38,12 @@ STEP = 5.0
 BOOT_TIMEOUT = 15.0
 MIGRATION_TIMEOUT = 30.0
 
-PASS_LINE = re.compile(r"^tern-guest: pass (\d+) rate (\d+)MiB/s (ok|FAIL)", re.MULTILINE)
-START_LINE = re.compile(r"^tern-guest: start ", re.MULTILINE)
-
 
 def skip_reason() -> Optional[str]:
-    if not os.path.exists("/dev/kvm"):
-        return "SKIPPED ALL MIGRATION TESTS: /dev/kvm is missing; they boot guests under KVM"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "SKIPPED ALL MIGRATION TESTS: /dev/kvm is not readable and writable by this user"
-    if not (os.path.isfile(TERN_BINARY) and os.access(TERN_BINARY, os.X_OK)):
-        return (f"SKIPPED ALL MIGRATION TESTS: no tern binary at {TERN_BINARY} "
-                "(run `swift build`, or set TERN_BINARY)")
-    return None
+    return harness_skip_reason("MIGRATION")
 
 
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def asynctest(fn):
-    """Runs an `async def` test with asyncio.run."""
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return asyncio.run(fn(*args, **kwargs))
-    return wrapper
-
-
-class VM:
+class VM(TernOutput):
     """One tern process with the built-in guest, a serial log and a unix QMP socket."""
 
     def __init__(self, label: str, *, smp: Optional[int] = None, append: str = APPEND,
@@ -101,23 +76,6 @@ class VM:
         self.pid = self.proc.pid
 
     # ----- output ---------------------------------------------------------------------------
-
-    def log_text(self) -> str:
-        try:
-            with open(self.log, "rb") as f:
-                return f.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
-
-    def stderr_text(self) -> str:
-        try:
-            with open(self.stderr_path, "rb") as f:
-                return f.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
-
-    def passes(self) -> list[tuple[int, bool]]:
-        return [(int(m.group(1)), m.group(3) == "ok") for m in PASS_LINE.finditer(self.log_text())]
 
     def diagnostics(self) -> str:
         rc = self.proc.poll()

@@ -43,15 +43,15 @@ START_LINE = re.compile(r"^tern-guest: start ", re.MULTILINE)
 Address = Union[str, tuple]
 
 
-def skip_reason() -> Optional[str]:
+def skip_reason(suite: str = "QMP") -> Optional[str]:
     """Why the suite cannot run here, or None."""
     if not os.path.exists("/dev/kvm"):
-        return ("SKIPPED ALL QMP TESTS: /dev/kvm is missing; these tests boot a guest under KVM "
+        return (f"SKIPPED ALL {suite} TESTS: /dev/kvm is missing; these tests boot a guest under KVM "
                 "and cannot run on this machine")
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "SKIPPED ALL QMP TESTS: /dev/kvm exists but is not readable and writable by this user"
+        return f"SKIPPED ALL {suite} TESTS: /dev/kvm exists but is not readable and writable by this user"
     if not (os.path.isfile(TERN_BINARY) and os.access(TERN_BINARY, os.X_OK)):
-        return (f"SKIPPED ALL QMP TESTS: the tern binary {TERN_BINARY} does not exist "
+        return (f"SKIPPED ALL {suite} TESTS: the tern binary {TERN_BINARY} does not exist "
                 "(run `swift build` first, or set TERN_BINARY)")
     return None
 
@@ -79,7 +79,33 @@ def proc_kib(pid: int, key: str) -> int:
     return int(status[key].split()[0])
 
 
-class Tern:
+class TernOutput:
+    """What a tern process left behind: its serial log (`self.log`) and stderr (`self.stderr_path`)."""
+
+    log: str
+    stderr_path: str
+
+    def log_text(self) -> str:
+        try:
+            with open(self.log, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def stderr_text(self) -> str:
+        try:
+            with open(self.stderr_path, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def passes(self, text: Optional[str] = None) -> list[tuple[int, bool]]:
+        """The pass lines so far as (number, ok)."""
+        text = self.log_text() if text is None else text
+        return [(int(m.group(1)), m.group(3) == "ok") for m in PASS_LINE.finditer(text)]
+
+
+class Tern(TernOutput):
     """One tern process: its paths, its pid, its serial log."""
 
     def __init__(self, *, workdir: Path, smp: Optional[int] = None, name: Optional[str] = None,
@@ -133,25 +159,6 @@ class Tern:
         return self.addresses[0]
 
     # ----- output ---------------------------------------------------------------------------
-
-    def log_text(self) -> str:
-        try:
-            with open(self.log, "rb") as f:
-                return f.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
-
-    def stderr_text(self) -> str:
-        try:
-            with open(self.stderr_path, "rb") as f:
-                return f.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
-
-    def passes(self, text: Optional[str] = None) -> list[tuple[int, bool]]:
-        """The pass lines so far as (number, ok)."""
-        text = self.log_text() if text is None else text
-        return [(int(m.group(1)), m.group(3) == "ok") for m in PASS_LINE.finditer(text)]
 
     def diagnostics(self) -> str:
         rc = self.proc.poll()
