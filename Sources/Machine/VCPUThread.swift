@@ -154,12 +154,6 @@ final class VCPUThread: @unchecked Sendable {
         return box.mutex.withLock { $0! }
     }
 
-    /// Whether the thread is parked outside KVM_RUN.
-    var isParked: Bool {
-        condition.lock()
-        defer { condition.unlock() }
-        return parked
-    }
 }
 
 /// Carries a result from a vCPU thread back to the caller of `perform`.

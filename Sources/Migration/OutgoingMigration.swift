@@ -135,7 +135,6 @@ final class OutgoingMigration: @unchecked Sendable {
     /// migration stopped it and did not complete.
     private func finish(failure: String?, resumeIfStopped: Bool, wasRunning: Bool) {
         let closeError = connection.close()
-        let endTime = WallClock.monotonicMilliseconds()
         let status = controller.status
         if failure == nil && closeError == nil && status == .active && stats.downtime != nil {
             stats.totalTime = WallClock.milliseconds() - stats.startMilliseconds
@@ -149,7 +148,6 @@ final class OutgoingMigration: @unchecked Sendable {
             _ = controller.transition(from: .active, to: .completed)
             return
         }
-        _ = endTime
         if resumeIfStopped {
             machine.setStoppedState(.paused)
             if wasRunning { machine.resume() }
