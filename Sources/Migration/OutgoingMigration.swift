@@ -252,10 +252,16 @@ final class OutgoingMigration: @unchecked Sendable {
     /// Sends pages `start..<end`, splitting them into zero and data records.
     private func sendRun(from start: Int, to end: Int) {
         var page = start
+        var zero = isZero(page)
         while page < end {
-            let zero = isZero(page)
+            // Scan each page once: the page that ends this run starts the next one.
             var stop = page + 1
-            while stop < end && isZero(stop) == zero { stop += 1 }
+            var nextZero = zero
+            while stop < end {
+                nextZero = isZero(stop)
+                if nextZero != zero { break }
+                stop += 1
+            }
             if zero {
                 sendZeroRun(page: page, count: stop - page)
             } else {
@@ -268,6 +274,7 @@ final class OutgoingMigration: @unchecked Sendable {
                 pagesSent += UInt64(count)
             }
             page = stop
+            zero = nextZero
         }
     }
 
