@@ -20,10 +20,7 @@ extension Serial16550 {
     }
 
     func loadState(_ section: StateSection) throws(StateLoadError) {
-        guard section.version == Self.stateVersion else {
-            throw StateLoadError("section '\(section.name)' has version \(section.version); this tern loads version \(Self.stateVersion)")
-        }
-        var reader = StateReader(section)
+        var reader = try StateReader(section, version: Self.stateVersion)
         var loaded = State()
         loaded.interruptEnable = try reader.read(UInt8.self) & 0x0f
         loaded.lineControl = try reader.read(UInt8.self)
@@ -59,10 +56,7 @@ extension I8042Controller {
     }
 
     func loadState(_ section: StateSection) throws(StateLoadError) {
-        guard section.version == Self.stateVersion else {
-            throw StateLoadError("section '\(section.name)' has version \(section.version); this tern loads version \(Self.stateVersion)")
-        }
-        var reader = StateReader(section)
+        var reader = try StateReader(section, version: Self.stateVersion)
         var loaded = State()
         loaded.commandByte = try reader.read(UInt8.self)
         let pending = try reader.read(UInt8.self)

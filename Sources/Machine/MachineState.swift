@@ -64,11 +64,7 @@ extension Machine {
             throw StateLoadError("section '\(missing)' is missing")
         }
         func machineSection(_ name: String) throws(StateLoadError) -> StateReader {
-            let section = byName[name]!
-            guard section.version == Self.machineSectionVersion else {
-                throw StateLoadError("section '\(name)' has version \(section.version); this tern loads version \(Self.machineSectionVersion)")
-            }
-            return StateReader(section)
+            try StateReader(byName[name]!, version: Self.machineSectionVersion)
         }
         // Decode everything first: nothing is applied unless all of it is valid.
         var runReader = try machineSection("runstate")

@@ -51,6 +51,14 @@ struct StateReader {
         self.section = section.name
     }
 
+    /// A reader for a section that must be at `version`, the only one this tern loads.
+    init(_ section: StateSection, version: UInt32) throws(StateLoadError) {
+        guard section.version == version else {
+            throw StateLoadError("section '\(section.name)' has version \(section.version); this tern loads version \(version)")
+        }
+        self.init(section)
+    }
+
     var isAtEnd: Bool { position == bytes.count }
 
     mutating func read<T: FixedWidthInteger>(_ type: T.Type) throws(StateLoadError) -> T {

@@ -73,10 +73,7 @@ struct VCPUState {
     }
 
     static func decode(_ section: StateSection) throws(StateLoadError) -> VCPUState {
-        guard section.version == version else {
-            throw StateLoadError("section '\(section.name)' has version \(section.version); this tern loads version \(version)")
-        }
-        var reader = StateReader(section)
+        var reader = try StateReader(section, version: version)
         let mpState = try reader.read(UInt32.self)
         let registers = try reader.readRaw(kvm_regs.self, initial: kvm_regs())
         let sregs = try reader.readRaw(kvm_sregs.self, initial: kvm_sregs())
