@@ -18,8 +18,8 @@ extension QMPStandardCommands {
                     let state = machine.runState
                     switch state {
                     case .running: return "VM status: running\r\n"
-                    case .prelaunch: return "VM status: paused (prelaunch)\r\n"
-                    default: return .string("VM status: paused (\(state.rawValue))\r\n".replacingOccurrences(of: " (paused)", with: ""))
+                    case .paused: return "VM status: paused\r\n"
+                    default: return .string("VM status: paused (\(state.rawValue))\r\n")
                     }
                 case "name":
                     return .string(machine.configuration.name.map { "\($0)\r\n" } ?? "")
