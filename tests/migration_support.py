@@ -136,21 +136,13 @@ class VM(TernOutput):
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)
 
+    def force_kill(self) -> None:
+        """SIGKILL the whole process group: an exec: transport's command dies with tern."""
+        os.killpg(self.pid, signal.SIGKILL)
+
     def stop(self) -> Optional[int]:
         """SIGTERM, then SIGKILL. Returns the exit status, or None if it would not die."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.pid, signal.SIGKILL)
-                try:
-                    return self.proc.wait(timeout=3)
-                except subprocess.TimeoutExpired:
-                    return None
-        return self.proc.returncode
+        return self.terminate()
 
     def remove(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)

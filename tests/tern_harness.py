@@ -84,6 +84,27 @@ class TernOutput:
 
     log: str
     stderr_path: str
+    proc: subprocess.Popen
+
+    def force_kill(self) -> None:
+        """SIGKILL, for a process that ignored SIGTERM."""
+        self.proc.kill()
+
+    def terminate(self) -> Optional[int]:
+        """SIGTERM, then SIGKILL; returns the exit status (None if it would not die)."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    self.force_kill()
+                try:
+                    return self.proc.wait(timeout=3)
+                except subprocess.TimeoutExpired:
+                    return None
+        return self.proc.returncode
 
     def log_text(self) -> str:
         try:
@@ -210,21 +231,6 @@ class Tern(TernOutput):
 
     # ----- teardown -------------------------------------------------------------------------
 
-    def terminate(self) -> Optional[int]:
-        """SIGTERM, then SIGKILL; returns the exit status (None if it would not die)."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
-                try:
-                    return self.proc.wait(timeout=3)
-                except subprocess.TimeoutExpired:
-                    return None
-        return self.proc.returncode
 
 
 def new_workdir() -> Path:
