@@ -26,6 +26,7 @@ public final class Machine: @unchecked Sendable {
     let keyboardController: I8042Controller
     let console: SerialConsole
     private var threads: [VCPUThread] = []
+    private let cpuThrottle = CPUThrottle()
     private let startedCondition = NSCondition()
     private var started = false
 
@@ -152,6 +153,7 @@ public final class Machine: @unchecked Sendable {
             }
         }
         threads.forEach { $0.start() }
+        cpuThrottle.attach(threads)
         startedCondition.lock()
         started = true
         startedCondition.broadcast()
@@ -237,6 +239,15 @@ public final class Machine: @unchecked Sendable {
     }
 
     var vcpuThreads: [VCPUThread] { threads }
+
+    /// Throttles every vCPU to run `100 - percent` % of the time (0 ends the throttle, at most
+    /// 99), for migration's auto-converge.
+    public func setCPUThrottle(percent: Int) {
+        cpuThrottle.set(percent)
+    }
+
+    /// The throttle in force, in percent.
+    public var cpuThrottlePercent: Int { cpuThrottle.percent }
 
     /// The host thread id of each vCPU's thread, in vCPU order (after `start`).
     public var vcpuThreadIDs: [Int32] { threads.map(\.threadID) }

@@ -9,6 +9,12 @@ import KVM
 extension Machine {
     static let machineSectionVersion: UInt32 = 1
 
+    /// The names of the sections `saveState` writes and `loadState` requires, in saved order.
+    public var stateSectionNames: [String] {
+        ["runstate", "kvmclock", "pic/master", "pic/slave", "ioapic", "pit", "serial/com1", "i8042"]
+            + (0..<configuration.cpuCount).map { "cpu/\($0)" }
+    }
+
     /// Saves the device state. The vCPUs must be paused (every vCPU is read on its own thread).
     /// `runState` is the state to record for the destination: `running` or `paused`.
     public func saveState(recordedRunState: RunState) throws(MachineError) -> [StateSection] {
@@ -56,7 +62,7 @@ extension Machine {
             byName[section.name] = section
         }
         let cpuNames = (0..<configuration.cpuCount).map { "cpu/\($0)" }
-        let expected = Set(["runstate", "kvmclock", "pic/master", "pic/slave", "ioapic", "pit", "serial/com1", "i8042"] + cpuNames)
+        let expected = Set(stateSectionNames)
         if let unknown = byName.keys.first(where: { !expected.contains($0) }) {
             throw StateLoadError("unknown section '\(unknown)' (does the source have more vCPUs? this machine has \(configuration.cpuCount))")
         }

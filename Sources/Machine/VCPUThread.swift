@@ -30,6 +30,8 @@ final class VCPUThread: @unchecked Sendable {
     private var finished = false
     private var pthread: pthread_t?
     private var pendingWork: (@Sendable (VCPU) -> Void)?
+    /// Nanoseconds the thread is to sleep outside KVM_RUN before entering again (auto-converge).
+    private var throttleSleep: UInt64 = 0
     /// The kernel's id for the thread (what QMP's query-cpus-fast reports).
     private(set) var threadID: Int32 = 0
     private let handleExit: @Sendable (VCPU, VCPUExit) -> ExitDisposition
@@ -82,6 +84,14 @@ final class VCPUThread: @unchecked Sendable {
                 condition.unlock()
                 break loop
             }
+            if throttleSleep > 0 {
+                // Throttled: sleep out this slice's share, waking early for a pause or stop.
+                let deadline = Date().addingTimeInterval(Double(throttleSleep) / 1e9)
+                throttleSleep = 0
+                while request == .run && condition.wait(until: deadline) {}
+                condition.unlock()
+                continue loop
+            }
             // Cleared under the lock: a pause requested after this point sets it again.
             vcpu.requestImmediateExit(false)
             condition.unlock()
@@ -112,10 +122,22 @@ final class VCPUThread: @unchecked Sendable {
     func pause() {
         condition.lock()
         if request == .run { request = .pause }
+        condition.broadcast() // a throttled thread sleeping outside KVM_RUN parks at once
         kick()
         while !parked {
             // The signal can land just before the thread enters KVM_RUN's wait; kick again.
             if !condition.wait(until: Date().addingTimeInterval(0.01)) { kick() }
+        }
+        condition.unlock()
+    }
+
+    /// Takes the vCPU out of the guest to sleep `nanoseconds` before it enters again; a later
+    /// request replaces an earlier one not yet served. A paused vCPU ignores it.
+    func throttle(sleeping nanoseconds: UInt64) {
+        condition.lock()
+        if request == .run {
+            throttleSleep = nanoseconds
+            kick()
         }
         condition.unlock()
     }

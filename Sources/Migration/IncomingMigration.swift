@@ -1,128 +1,157 @@
-import CGuestMemory
 import Foundation
 import Machine
 
-/// The destination side: reads a stream into guest memory and the device state into the
-/// machine, checking every record before it is applied.
+/// What the destination brings to a load: its capabilities and thread counts.
+struct IncomingSettings {
+    var capabilities: [String] = []
+    var decompressThreads = 2
+}
+
+/// The destination side: reads the stream header and hands the rest to the loader of its
+/// version — version 2 (`load`, below) or version 1 (`StreamV1Loader`, for VMs saved by older
+/// terns).
 ///
-/// Guarantees: a page record is applied only if its offset is page-aligned and it lies wholly
-/// inside guest RAM (checked with overflow-safe arithmetic); every count and length is bounded
-/// before anything is allocated or read; device state is applied only after every section has
-/// been read and decoded. Any violation ends the load with a reason.
+/// Version 2 guarantees: the configuration record is checked against this machine before any
+/// page is loaded; every record's length is bounded before it is read and its checksum checked
+/// before it is used; each page decoder checks every offset and length before it writes, and
+/// never writes outside the pages its record names; device state is applied only after the
+/// stream has ended and every section decodes. Where the source asked for a return path and
+/// the connection is a socket, the verdict (loaded, or failed with the reason) goes back on it.
 final class IncomingMigration {
-    private let machine: Machine
+    private let target: MigrationTarget
+    private let descriptor: Int32
     private let reader: MigrationStreamReader
-    private let pageSize = MigrationStreamFormat.pageSize
+    private let settings: IncomingSettings
     private(set) var statistics = IncomingStatistics()
     /// Wall-clock nanoseconds when the source stopped its vCPUs, from the stream.
     private(set) var sourceStoppedAt: UInt64?
+    private var returnPath: ReturnPathSender?
 
-    init(machine: Machine, descriptor: Int32) {
-        self.machine = machine
+    init(target: MigrationTarget, descriptor: Int32, settings: IncomingSettings = IncomingSettings()) {
+        self.target = target
+        self.descriptor = descriptor
         self.reader = MigrationStreamReader(descriptor: descriptor)
+        self.settings = settings
+    }
+
+    convenience init(machine: Machine, descriptor: Int32, settings: IncomingSettings = IncomingSettings()) {
+        self.init(target: machine as MigrationTarget, descriptor: descriptor, settings: settings)
+        machine.waitUntilStarted() // the vCPU threads must exist to take their state
     }
 
     /// Loads the whole stream. Returns the run state the source recorded.
     func load(progress: (IncomingStatistics) -> Void) throws(MigrationStreamError) -> RunState {
-        machine.waitUntilStarted() // the vCPU threads must exist to take their state
+        do {
+            let state = try loadStream(progress: progress)
+            returnPath?.send(.loaded)
+            return state
+        } catch {
+            returnPath?.send(.failed(error.message))
+            throw error
+        }
+    }
+
+    private func loadStream(progress: (IncomingStatistics) -> Void) throws(MigrationStreamError) -> RunState {
         let magic = try reader.readBytes(MigrationStreamFormat.magic.count)
         guard magic == MigrationStreamFormat.magic else {
             throw MigrationStreamError("not a tern migration stream (bad magic)")
         }
         let version = try reader.read(UInt32.self)
-        guard version == MigrationStreamFormat.version else {
-            throw MigrationStreamError("stream version \(version) is not supported (this tern reads version \(MigrationStreamFormat.version))")
+        guard MigrationStreamFormat.readableVersions.contains(version) else {
+            throw MigrationStreamError("stream version \(version) is not supported (this tern reads versions \(MigrationStreamFormat.readableVersions.lowerBound) to \(MigrationStreamFormat.readableVersions.upperBound))")
         }
-        var layoutSeen = false
-        var sections: [StateSection] = []
-        var pagesReceived: UInt64 = 0
-        var recordCount = 0
-        while true {
-            let typeByte = try reader.read(UInt8.self)
-            guard let type = MigrationStreamFormat.RecordType(rawValue: typeByte) else {
-                throw MigrationStreamError("unknown record type 0x\(String(typeByte, radix: 16)) at byte \(reader.bytesRead - 1)")
-            }
-            if type != .ramLayout && !layoutSeen {
-                throw MigrationStreamError("the stream does not begin with its RAM layout")
-            }
-            switch type {
-            case .ramLayout:
-                let size = try reader.read(UInt64.self)
-                let page = try reader.read(UInt32.self)
-                guard !layoutSeen else { throw MigrationStreamError("a second RAM layout record") }
-                guard UInt64(page) == pageSize else { throw MigrationStreamError("page size \(page), expected \(pageSize)") }
-                guard size == machine.memory.size else {
-                    throw MigrationStreamError("the source has \(size >> 20) MiB of RAM, this machine \(machine.memory.size >> 20) MiB (start it with the same -m)")
-                }
-                layoutSeen = true
-            case .ramPages, .ramZero:
-                let offset = try reader.read(UInt64.self)
-                let count = try reader.read(UInt32.self)
-                guard count > 0, count <= MigrationStreamFormat.maximumPagesPerRecord, offset % pageSize == 0 else {
-                    throw MigrationStreamError("a page record with offset 0x\(String(offset, radix: 16)) and \(count) pages is malformed")
-                }
-                let length = UInt64(count) * pageSize
-                guard let destination = machine.memory.pointer(atOffset: offset, length: length) else {
-                    throw MigrationStreamError("a page record at offset 0x\(String(offset, radix: 16)) (\(count) pages) lies outside guest RAM")
-                }
-                if type == .ramPages {
-                    try reader.read(into: destination, count: Int(length))
-                    statistics.pagesLoaded += UInt64(count)
-                } else {
-                    applyZeroRun(destination, offset: offset, length: length)
-                    statistics.zeroPagesLoaded += UInt64(count)
-                }
-                pagesReceived += UInt64(count)
-            case .passEnd:
-                _ = try reader.read(UInt32.self)
-                statistics.bytesRead = reader.bytesRead
-                progress(statistics)
-            case .device:
-                let nameLength = Int(try reader.read(UInt16.self))
-                guard nameLength > 0, nameLength <= MigrationStreamFormat.maximumDeviceNameLength else {
-                    throw MigrationStreamError("a device section name of \(nameLength) bytes")
-                }
-                guard let name = String(validating: try reader.readBytes(nameLength), as: UTF8.self) else {
-                    throw MigrationStreamError("a device section name is not UTF-8")
-                }
-                let sectionVersion = try reader.read(UInt32.self)
-                let length = try reader.read(UInt32.self)
-                guard length <= MigrationStreamFormat.maximumDevicePayload else {
-                    throw MigrationStreamError("device section '\(name)' claims \(length) bytes (at most \(MigrationStreamFormat.maximumDevicePayload))")
-                }
-                guard sections.count < MigrationStreamFormat.maximumDeviceSections else {
-                    throw MigrationStreamError("more than \(MigrationStreamFormat.maximumDeviceSections) device sections")
-                }
-                sections.append(StateSection(name: name, version: sectionVersion, payload: try reader.readBytes(Int(length))))
-            case .sourceStopped:
-                sourceStoppedAt = try reader.read(UInt64.self)
-            case .end:
-                let expected = try reader.read(UInt64.self)
-                guard expected == pagesReceived else {
-                    throw MigrationStreamError("the source sent \(expected) pages but \(pagesReceived) arrived")
-                }
-                guard !sections.isEmpty else { throw MigrationStreamError("the stream carries no device state") }
-                statistics.bytesRead = reader.bytesRead
-                do {
-                    return try machine.loadState(sections)
-                } catch {
-                    throw MigrationStreamError("device state: \(error.message)")
-                }
-            }
-            recordCount += 1
-            if recordCount % 4096 == 0 {
-                statistics.bytesRead = reader.bytesRead
-                progress(statistics)
-            }
+        if version == 1 {
+            let v1 = StreamV1Loader(target: target, reader: reader)
+            defer { statistics = v1.statistics; sourceStoppedAt = v1.sourceStoppedAt }
+            return try v1.load(progress: progress)
         }
+        return try loadVersion2(progress: progress)
     }
 
-    /// Makes pages read as zero without allocating them: large runs are punched out of the
-    /// memfd, small ones are cleared only where they hold data.
-    private func applyZeroRun(_ destination: UnsafeMutableRawPointer, offset: UInt64, length: UInt64) {
-        if length >= 64 * pageSize, machine.memory.discard(offset: offset, length: length) { return }
-        for extent in machine.memory.dataExtents(offset: offset, length: length) {
-            cguest_zero_pages(machine.memory.hostBase + Int(extent.offset), Int(extent.length), Int(pageSize))
+    private func loadVersion2(progress: (IncomingStatistics) -> Void) throws(MigrationStreamError) -> RunState {
+        let records = StreamRecordReader(reader: reader)
+        let first = try records.next()
+        guard first.type == .configuration else {
+            throw MigrationStreamError("the stream does not begin with its configuration record")
+        }
+        let configuration = try records.withBody { (body) throws(MigrationStreamError) in try StreamConfiguration.decode(body) }
+        if configuration.returnPath && isSocket(descriptor) { returnPath = ReturnPathSender(descriptor: descriptor) }
+        if let mismatch = configuration.mismatch(ramSize: target.memory.size, cpuCount: target.cpuCount,
+                                                 deviceSections: target.deviceSectionNames,
+                                                 capabilities: settings.capabilities) {
+            throw MigrationStreamError(mismatch)
+        }
+        var sections: [UInt16: IncomingLiveSection] = [:]
+        var ram: IncomingRAMSection?
+        var devices: IncomingDeviceStateSection?
+        for section in configuration.sections {
+            switch (section.name, section.version) {
+            case ("ram", 1):
+                let loader = IncomingRAMSection(memory: target.memory, encodings: configuration.encodings,
+                                                decompressThreads: settings.decompressThreads)
+                ram = loader
+                sections[section.id] = loader
+            case ("devices", 1):
+                let loader = IncomingDeviceStateSection(target: target)
+                devices = loader
+                sections[section.id] = loader
+            case ("ram", _), ("devices", _):
+                throw MigrationStreamError("live section '\(section.name)' version \(section.version) is not supported (this tern reads version 1)")
+            default:
+                throw MigrationStreamError("the source sends live section '\(section.name)', which this tern does not know")
+            }
+        }
+        guard ram != nil, let devices else { throw MigrationStreamError("the stream has no RAM or no device-state section") }
+        func publish() {
+            statistics.pagesLoaded = ram?.pagesLoaded ?? 0
+            statistics.zeroPagesLoaded = ram?.zeroPagesLoaded ?? 0
+            statistics.bytesRead = records.bytesRead
+        }
+        while true {
+            let record = try records.next()
+            guard let type = record.type else {
+                if record.isRequired {
+                    throw MigrationStreamError("a required record of unknown type 0x\(String(record.typeByte, radix: 16)) at byte \(record.streamOffset)")
+                }
+                continue // an optional record from a newer tern
+            }
+            switch type {
+            case .configuration:
+                throw MigrationStreamError("a second configuration record at byte \(record.streamOffset)")
+            case .sectionData:
+                guard let section = sections[record.section] else {
+                    throw MigrationStreamError("a record for live section \(record.section), which the configuration does not list")
+                }
+                try records.withBody { (body) throws(MigrationStreamError) in try section.load(body) }
+                if records.recordsRead % 4096 == 0 { publish(); progress(statistics) }
+            case .passEnd:
+                publish()
+                progress(statistics)
+            case .ping:
+                let value = try records.withBody { (body) throws(MigrationStreamError) -> UInt32 in
+                    let value = try body.read(UInt32.self, "ping value")
+                    try body.finish("a PING record")
+                    return value
+                }
+                returnPath?.send(.pong(value))
+            case .sourceStopped:
+                sourceStoppedAt = try records.withBody { (body) throws(MigrationStreamError) -> UInt64 in
+                    try body.read(UInt64.self, "stop time")
+                }
+            case .end:
+                let expected = try records.withBody { (body) throws(MigrationStreamError) -> UInt64 in
+                    let count = try body.read(UInt64.self, "record count")
+                    try body.finish("the END record")
+                    return count
+                }
+                guard expected == records.recordsRead - 1 else {
+                    throw MigrationStreamError("the source wrote \(expected) records but \(records.recordsRead - 1) arrived")
+                }
+                publish()
+                for section in sections.values where section !== devices { try section.finish() }
+                try devices.finish()
+                return devices.recordedRunState ?? .paused
+            }
         }
     }
 }

@@ -1,3 +1,4 @@
+import CPageCodec
 import CSocket
 import Foundation
 
@@ -8,42 +9,98 @@ public struct MigrationStreamError: Error, CustomStringConvertible, Equatable {
     public var description: String { message }
 }
 
-/// The sending end of a migration stream: buffered little-endian writes, page data written
-/// straight from guest memory, a byte count for the statistics, and a sticky error as in QEMU's
-/// QEMUFile, so the hot loop writes and checks once per batch.
+/// The sending end of a migration stream: buffered little-endian writes framed into version 2
+/// records (`beginRecord` … `endRecord`, which fills in the length and appends the CRC32C),
+/// a byte count for the statistics, and a sticky error as in QEMU's QEMUFile, so the hot loop
+/// writes and checks once per batch. A record is always whole in the buffer before it is
+/// written, so its checksum covers exactly the bytes that go out, even when the guest keeps
+/// writing the pages it was copied from.
 final class MigrationStreamWriter {
     let descriptor: Int32
     private var buffer: [UInt8] = []
     private let bufferCapacity = 256 << 10
+    private var recordStart: Int?
+    /// Whether records carry a CRC32C (the `x-checksum` parameter).
+    var checksums = true
     private(set) var bytesWritten: UInt64 = 0
+    private(set) var recordsWritten: UInt64 = 0
     private(set) var error: MigrationStreamError?
 
     init(descriptor: Int32) {
         self.descriptor = descriptor
-        buffer.reserveCapacity(bufferCapacity)
+        buffer.reserveCapacity(bufferCapacity + (1 << 20))
     }
 
     func append<T: FixedWidthInteger>(_ value: T) {
         withUnsafeBytes(of: value.littleEndian) { buffer.append(contentsOf: $0) }
-        if buffer.count >= bufferCapacity { flush() }
     }
 
     func append(bytes: [UInt8]) {
         buffer.append(contentsOf: bytes)
+    }
+
+    /// Copies `count` bytes of memory (guest pages) into the current record.
+    func append(memory: UnsafeRawPointer, count: Int) {
+        buffer.append(contentsOf: UnsafeRawBufferPointer(start: memory, count: count))
+    }
+
+    /// Appends raw bytes outside any record (the stream header).
+    func appendHeader(_ bytes: [UInt8]) {
+        precondition(recordStart == nil)
+        buffer.append(contentsOf: bytes)
+    }
+
+    /// Starts a record; its body is what is appended until `endRecord`.
+    func beginRecord(_ type: StreamRecordType, section: UInt16 = StreamRecordFraming.noSection, required: Bool) {
+        precondition(recordStart == nil, "records do not nest")
+        recordStart = buffer.count
+        buffer.append(type.rawValue)
+        buffer.append((required ? StreamRecordFraming.requiredFlag : 0) | (checksums ? StreamRecordFraming.checksumFlag : 0))
+        append(section)
+        append(UInt32(0)) // the length, filled in by endRecord
+    }
+
+    /// Overwrites a value already appended to the open record's body, `offset` bytes into it.
+    func patchRecordBody<T: FixedWidthInteger>(at offset: Int, _ value: T) {
+        guard let start = recordStart else { return }
+        let at = start + StreamRecordFraming.headerSize + offset
+        withUnsafeBytes(of: value.littleEndian) { bytes in
+            for index in 0..<bytes.count { buffer[at + index] = bytes[index] }
+        }
+    }
+
+    /// The body bytes of the open record so far.
+    var recordBodyLength: Int { recordStart.map { buffer.count - $0 - StreamRecordFraming.headerSize } ?? 0 }
+
+    /// Closes the record: fills in its length, appends its checksum, and writes the buffer
+    /// out once it is full.
+    func endRecord() {
+        guard let start = recordStart else { return }
+        recordStart = nil
+        let length = UInt32(buffer.count - start - StreamRecordFraming.headerSize)
+        withUnsafeBytes(of: length.littleEndian) { bytes in
+            for index in 0..<4 { buffer[start + 4 + index] = bytes[index] }
+        }
+        if checksums {
+            let crc = buffer.withUnsafeBytes { raw in
+                cpage_crc32c(0, raw.baseAddress! + start, raw.count - start)
+            }
+            append(crc)
+        }
+        recordsWritten += 1
         if buffer.count >= bufferCapacity { flush() }
     }
 
-    /// Appends raw memory: copied through the buffer when small, written directly when large.
-    func append(memory: UnsafeRawPointer, count: Int) {
-        if count < 64 << 10 && buffer.count + count <= bufferCapacity {
-            buffer.append(contentsOf: UnsafeRawBufferPointer(start: memory, count: count))
-            return
-        }
-        flush()
-        writeFully(memory, count)
+    /// One whole record whose body `body` writes.
+    func record(_ type: StreamRecordType, section: UInt16 = StreamRecordFraming.noSection, required: Bool,
+                _ body: (MigrationStreamWriter) -> Void = { _ in }) {
+        beginRecord(type, section: section, required: required)
+        body(self)
+        endRecord()
     }
 
     func flush() {
+        precondition(recordStart == nil, "flush inside a record")
         guard !buffer.isEmpty else { return }
         buffer.withUnsafeBytes { writeFully($0.baseAddress!, $0.count) }
         buffer.removeAll(keepingCapacity: true)
@@ -136,6 +193,16 @@ final class MigrationStreamReader {
             done += n
         }
         bytesRead += UInt64(count)
+    }
+
+    /// Reads exactly `count` bytes into the start of `bytes` (which must be large enough).
+    func read(into bytes: inout [UInt8], count: Int) throws(MigrationStreamError) {
+        precondition(bytes.count >= count)
+        guard count > 0 else { return }
+        let failure = bytes.withUnsafeMutableBytes { raw -> MigrationStreamError? in
+            do throws(MigrationStreamError) { try read(into: raw.baseAddress!, count: count); return nil } catch { return error }
+        }
+        if let failure { throw failure }
     }
 
     func readBytes(_ count: Int) throws(MigrationStreamError) -> [UInt8] {

@@ -27,6 +27,8 @@ public final class MigrationController: @unchecked Sendable {
         var incoming = IncomingStatistics()
         var capabilities: [MigrationCapability: Bool] = [:]
         var parameters = MigrationParameters()
+        /// QEMU's default XBZRLE cache: 64 MiB.
+        var xbzrleCacheSize: UInt64 = 64 << 20
         var blockers: [String] = []
         var connection: MigrationConnection?
         var incomingRequested = false
@@ -117,20 +119,50 @@ public final class MigrationController: @unchecked Sendable {
                 throw MigrationError("Capability '\(capability.rawValue)' is not supported by tern yet")
             }
             for (capability, enabled) in changes { state.capabilities[capability] = enabled }
+            for message in MigrationCapability.applyRules(&state.capabilities) { log(message) }
         }
     }
 
     /// Validates every value first, then applies them all (QEMU 2015 applied some before
     /// failing; see docs/migration-reference.md).
-    public func setParameters(_ values: [(String, Int64)]) throws(MigrationError) {
+    public func setParameters(_ values: [(String, MigrationParameterValue)]) throws(MigrationError) {
+        var cacheSize: UInt64?
         for (name, value) in values {
             if let error = MigrationParameters.validate(name, value) { throw MigrationError(error) }
+            if name == "xbzrle-cache-size", case let .integer(size) = value { cacheSize = try checkedCacheSize(size) }
         }
-        state.withLock { state in for (name, value) in values { state.parameters.set(name, value) } }
+        state.withLock { state in
+            for (name, value) in values { state.parameters.set(name, value) }
+            if let cacheSize { state.xbzrleCacheSize = cacheSize }
+        }
+    }
+
+    /// The XBZRLE cache size in bytes (`query-migrate-cache-size`).
+    public var xbzrleCacheSize: UInt64 { state.withLock { $0.xbzrleCacheSize } }
+
+    /// `migrate-set-cache-size`: allowed at any time; a running migration replaces its cache
+    /// at its next pass.
+    public func setCacheSize(_ value: Int64) throws(MigrationError) {
+        let size = try checkedCacheSize(value)
+        state.withLock { $0.xbzrleCacheSize = size }
+    }
+
+    /// The reference's checks, in its order and with its texts; the size stored is rounded
+    /// down to a power of two.
+    private func checkedCacheSize(_ value: Int64) throws(MigrationError) -> UInt64 {
+        let unsigned = UInt64(bitPattern: value) // QEMU compares unsigned: negative is huge
+        guard unsigned <= machine.memory.size else {
+            throw MigrationError("Parameter 'cache size' expects exceeds guest ram size ")
+        }
+        guard unsigned >= MigrationStreamFormat.pageSize else {
+            throw MigrationError("Parameter 'cache size' expects is smaller than page size")
+        }
+        return XBZRLECache.roundedSize(unsigned)
     }
 
     /// `migrate_set_speed`: bytes per second, negative becomes 0 (unlimited below 10).
     public func setSpeed(_ bytesPerSecond: Int64) {
+        // (QEMU 2015 had no way to read this back; `max-bandwidth` shows it.)
         state.withLock { $0.parameters.maxBandwidth = UInt64(max(bytesPerSecond, 0)) }
     }
 
@@ -179,8 +211,11 @@ public final class MigrationController: @unchecked Sendable {
             fail(error.message)
             throw MigrationError(error.message)
         }
-        state.withLock { $0.connection = connection }
-        let outgoing = OutgoingMigration(machine: machine, controller: self, connection: connection)
+        let plan = state.withLock { state in
+            state.connection = connection
+            return MigrationPlan(capabilities: state.capabilities, parameters: state.parameters, xbzrleCacheSize: state.xbzrleCacheSize)
+        }
+        let outgoing = OutgoingMigration(machine: machine, controller: self, connection: connection, plan: plan)
         let thread = Thread {
             outgoing.run()
             self.state.withLock { $0.connection = nil }
@@ -285,7 +320,11 @@ public final class MigrationController: @unchecked Sendable {
         state.withLock { $0.incoming.status = .active }
         log("incoming: loading")
         if capability(.events) { observer(.statusChanged(.active)) }
-        let incoming = IncomingMigration(machine: machine, descriptor: connection.descriptor)
+        let settings = state.withLock { state in
+            IncomingSettings(capabilities: MigrationCapability.allCases.filter { state.capabilities[$0] == true }.map(\.rawValue),
+                             decompressThreads: Int(state.parameters.decompressThreads))
+        }
+        let incoming = IncomingMigration(machine: machine, descriptor: connection.descriptor, settings: settings)
         let recorded: RunState
         do {
             recorded = try incoming.load { progress in

@@ -10,11 +10,37 @@ public enum MigrationCapability: String, Sendable, CaseIterable {
     case postcopyRAM = "x-postcopy-ram"
 
     /// Capabilities tern can turn on; the others are refused when set to true.
-    public var isImplemented: Bool { self == .events }
+    public var isImplemented: Bool {
+        switch self {
+        case .events, .xbzrle, .compress, .autoConverge: true
+        case .rdmaPinAll, .zeroBlocks, .postcopyRAM: false
+        }
+    }
+
+    /// The reference's rules between capabilities, applied after a change: returns the
+    /// message to print for each rule that turned a capability off (QEMU prints it and still
+    /// answers `{}`).
+    static func applyRules(_ capabilities: inout [MigrationCapability: Bool]) -> [String] {
+        var messages: [String] = []
+        if capabilities[.postcopyRAM] == true && capabilities[.compress] == true {
+            capabilities[.postcopyRAM] = false
+            messages.append("Postcopy is not currently compatible with compression")
+        }
+        return messages
+    }
 }
 
-/// Migration parameters: the 2015 reference's, plus `max-bandwidth` and `downtime-limit`
-/// (which `migrate_set_speed` and `migrate_set_downtime` also set).
+/// A parameter's value as QMP gives it.
+public enum MigrationParameterValue: Equatable, Sendable {
+    case integer(Int64)
+    case boolean(Bool)
+    case string(String)
+}
+
+/// Migration parameters: the 2015 reference's, later QEMUs' names for the same things
+/// (`cpu-throttle-*`), `max-bandwidth`, `downtime-limit`, `xbzrle-cache-size`,
+/// `max-cpu-throttle`, `multifd-compression` (which picks the `compress` capability's method
+/// in tern), and tern's `x-checksum`.
 public struct MigrationParameters: Equatable, Sendable {
     /// Bytes per second; QEMU's default MAX_THROTTLE is 32 MiB/s.
     public var maxBandwidth: UInt64 = 32 << 20
@@ -32,63 +58,135 @@ public struct MigrationParameters: Equatable, Sendable {
     public var decompressThreads: Int64 = 2
     public var cpuThrottleInitial: Int64 = 20
     public var cpuThrottleIncrement: Int64 = 10
+    public var maxCPUThrottle: Int64 = 99
+    /// The `compress` capability's method: `none` means QEMU 2015's zlib.
+    public var compressionMethod: CompressionMethod = .none
+    /// Whether stream records carry a CRC32C.
+    public var checksums = true
 
     public init() {}
 
     /// The largest downtime limit accepted, in milliseconds (2000 seconds, as later QEMUs).
     public static let maximumDowntimeLimit: UInt64 = 2_000_000
 
-    /// Checks a parameter against the reference's range, with its error text. `max-bandwidth`
-    /// and `downtime-limit` are later QEMUs' parameters (2.8); their texts follow that style.
-    public static func validate(_ name: String, _ value: Int64) -> String? {
+    /// Names in the order `query-migrate-parameters` lists them (`xbzrle-cache-size` is the
+    /// controller's, since its checks need the guest's RAM size).
+    public static let names = ["compress-level", "compress-threads", "decompress-threads", "x-cpu-throttle-initial",
+                               "x-cpu-throttle-increment", "cpu-throttle-initial", "cpu-throttle-increment",
+                               "max-cpu-throttle", "max-bandwidth", "downtime-limit", "xbzrle-cache-size",
+                               "multifd-compression", "x-checksum"]
+
+    /// The kind of value each parameter takes.
+    public enum Kind: Sendable { case integer, boolean, string }
+    public static func kind(of name: String) -> Kind {
+        switch name {
+        case "multifd-compression": .string
+        case "x-checksum": .boolean
+        default: .integer
+        }
+    }
+
+    /// Checks a parameter against the reference's range, with its error text. `max-bandwidth`,
+    /// `downtime-limit` and the later names are later QEMUs' parameters; their texts follow
+    /// that style.
+    public static func validate(_ name: String, _ value: MigrationParameterValue) -> String? {
+        func range(_ allowed: ClosedRange<Int64>, _ text: String) -> String? {
+            guard case let .integer(number) = value else { return "Invalid parameter type for '\(name)', expected: integer" }
+            return allowed.contains(number) ? nil : text
+        }
         switch name {
         case "compress-level":
-            return (0...9).contains(value) ? nil : "Parameter 'compress_level' expects is invalid, it should be in the range of 0 to 9"
+            return range(0...9, "Parameter 'compress_level' expects is invalid, it should be in the range of 0 to 9")
         case "compress-threads":
-            return (1...255).contains(value) ? nil : "Parameter 'compress_threads' expects is invalid, it should be in the range of 1 to 255"
+            return range(1...255, "Parameter 'compress_threads' expects is invalid, it should be in the range of 1 to 255")
         case "decompress-threads":
-            return (1...255).contains(value) ? nil : "Parameter 'decompress_threads' expects is invalid, it should be in the range of 1 to 255"
+            return range(1...255, "Parameter 'decompress_threads' expects is invalid, it should be in the range of 1 to 255")
         case "x-cpu-throttle-initial":
-            return (1...99).contains(value) ? nil : "Parameter 'x_cpu_throttle_initial' expects an integer in the range of 1 to 99"
+            return range(1...99, "Parameter 'x_cpu_throttle_initial' expects an integer in the range of 1 to 99")
         case "x-cpu-throttle-increment":
-            return (1...99).contains(value) ? nil : "Parameter 'x_cpu_throttle_increment' expects an integer in the range of 1 to 99"
+            return range(1...99, "Parameter 'x_cpu_throttle_increment' expects an integer in the range of 1 to 99")
+        case "cpu-throttle-initial":
+            return range(1...99, "Parameter 'cpu_throttle_initial' expects an integer in the range of 1 to 99")
+        case "cpu-throttle-increment":
+            return range(1...99, "Parameter 'cpu_throttle_increment' expects an integer in the range of 1 to 99")
+        case "max-cpu-throttle":
+            return range(1...99, "Parameter 'max_cpu_throttle' expects an integer in the range of 1 to 99")
         case "max-bandwidth":
-            return value >= 0 ? nil : "Parameter 'max_bandwidth' expects an integer in the range of 0 to \(Int64.max) bytes/second"
+            return range(0...Int64.max, "Parameter 'max_bandwidth' expects an integer in the range of 0 to \(Int64.max) bytes/second")
         case "downtime-limit":
-            return (0...Int64(maximumDowntimeLimit)).contains(value) ? nil
-                : "Parameter 'downtime_limit' expects an integer in the range of 0 to \(maximumDowntimeLimit) milliseconds"
+            return range(0...Int64(maximumDowntimeLimit),
+                         "Parameter 'downtime_limit' expects an integer in the range of 0 to \(maximumDowntimeLimit) milliseconds")
+        case "xbzrle-cache-size":
+            return range(Int64.min...Int64.max, "")
+        case "multifd-compression":
+            guard case let .string(text) = value else { return "Invalid parameter type for 'multifd-compression', expected: string" }
+            return CompressionMethod(rawValue: text) == nil ? "Parameter 'multifd-compression' does not accept value '\(text)'" : nil
+        case "x-checksum":
+            guard case .boolean = value else { return "Invalid parameter type for 'x-checksum', expected: boolean" }
+            return nil
         default:
             return "Parameter '\(name)' is unexpected"
         }
     }
 
-    /// Names in the order `query-migrate-parameters` lists them.
-    public static let names = ["compress-level", "compress-threads", "decompress-threads", "x-cpu-throttle-initial",
-                               "x-cpu-throttle-increment", "max-bandwidth", "downtime-limit"]
-
-    public func value(of name: String) -> Int64 {
+    public func value(of name: String) -> MigrationParameterValue {
         switch name {
-        case "compress-level": compressLevel
-        case "compress-threads": compressThreads
-        case "decompress-threads": decompressThreads
-        case "x-cpu-throttle-initial": cpuThrottleInitial
-        case "x-cpu-throttle-increment": cpuThrottleIncrement
-        case "max-bandwidth": Int64(clamping: maxBandwidth)
-        case "downtime-limit": Int64(clamping: downtimeLimit)
-        default: 0
+        case "compress-level": .integer(compressLevel)
+        case "compress-threads": .integer(compressThreads)
+        case "decompress-threads": .integer(decompressThreads)
+        case "x-cpu-throttle-initial", "cpu-throttle-initial": .integer(cpuThrottleInitial)
+        case "x-cpu-throttle-increment", "cpu-throttle-increment": .integer(cpuThrottleIncrement)
+        case "max-cpu-throttle": .integer(maxCPUThrottle)
+        case "max-bandwidth": .integer(Int64(clamping: maxBandwidth))
+        case "downtime-limit": .integer(Int64(clamping: downtimeLimit))
+        case "multifd-compression": .string(compressionMethod.rawValue)
+        case "x-checksum": .boolean(checksums)
+        default: .integer(0)
         }
     }
 
-    public mutating func set(_ name: String, _ value: Int64) {
-        switch name {
-        case "compress-level": compressLevel = value
-        case "compress-threads": compressThreads = value
-        case "decompress-threads": decompressThreads = value
-        case "x-cpu-throttle-initial": cpuThrottleInitial = value
-        case "x-cpu-throttle-increment": cpuThrottleIncrement = value
-        case "max-bandwidth": maxBandwidth = UInt64(value)
-        case "downtime-limit": downtimeLimit = UInt64(value)
+    public mutating func set(_ name: String, _ value: MigrationParameterValue) {
+        switch (name, value) {
+        case let ("compress-level", .integer(v)): compressLevel = v
+        case let ("compress-threads", .integer(v)): compressThreads = v
+        case let ("decompress-threads", .integer(v)): decompressThreads = v
+        case let ("x-cpu-throttle-initial", .integer(v)), let ("cpu-throttle-initial", .integer(v)): cpuThrottleInitial = v
+        case let ("x-cpu-throttle-increment", .integer(v)), let ("cpu-throttle-increment", .integer(v)): cpuThrottleIncrement = v
+        case let ("max-cpu-throttle", .integer(v)): maxCPUThrottle = v
+        case let ("max-bandwidth", .integer(v)): maxBandwidth = UInt64(v)
+        case let ("downtime-limit", .integer(v)): downtimeLimit = UInt64(v)
+        case let ("multifd-compression", .string(v)): compressionMethod = CompressionMethod(rawValue: v) ?? .none
+        case let ("x-checksum", .boolean(v)): checksums = v
         default: break
         }
+    }
+}
+
+/// Everything an outgoing migration uses, fixed when `migrate` starts it.
+struct MigrationPlan {
+    var capabilities: [String]
+    var checksums: Bool
+    var xbzrleCacheSize: UInt64?
+    var compression: (method: CompressionMethod, level: Int, threads: Int)?
+    var autoConverge: AutoConverge.Settings?
+
+    init(capabilities: [MigrationCapability: Bool], parameters: MigrationParameters, xbzrleCacheSize: UInt64) {
+        self.capabilities = MigrationCapability.allCases.filter { capabilities[$0] == true }.map(\.rawValue)
+        checksums = parameters.checksums
+        self.xbzrleCacheSize = capabilities[.xbzrle] == true ? xbzrleCacheSize : nil
+        if capabilities[.compress] == true {
+            compression = (parameters.compressionMethod == .zstd ? .zstd : .zlib, Int(parameters.compressLevel),
+                           Int(parameters.compressThreads))
+        }
+        if capabilities[.autoConverge] == true {
+            autoConverge = AutoConverge.Settings(initial: Int(parameters.cpuThrottleInitial),
+                                                 increment: Int(parameters.cpuThrottleIncrement),
+                                                 maximum: Int(parameters.maxCPUThrottle))
+        }
+    }
+
+    func ramSettings(_ controller: MigrationController) -> RAMEncodingSettings {
+        RAMEncodingSettings(xbzrleCacheSize: xbzrleCacheSize, compression: compression,
+                            cacheSizeNow: { [controller] in controller.xbzrleCacheSize })
     }
 }

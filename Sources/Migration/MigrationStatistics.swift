@@ -19,10 +19,43 @@ public struct MigrationStatistics: Equatable, Sendable {
     public var mbps: Double = 0
     public var dirtySyncCount: UInt64 = 0
     public var errorDescription: String?
+    /// XBZRLE counters, while the capability is in use.
+    public var xbzrle: XBZRLEStatistics?
+    /// Compression counters, while the capability is in use.
+    public var compression: CompressionStatistics?
+    /// The vCPU throttle auto-converge holds now, in percent (0 when none).
+    public var cpuThrottlePercentage = 0
+    /// The highest throttle this migration applied.
+    public var cpuThrottleMaximum = 0
 
     public init() {}
 
     public var normalBytes: UInt64 { normal * MigrationStreamFormat.pageSize }
+}
+
+/// `query-migrate`'s `xbzrle-cache`, with QEMU's meanings.
+public struct XBZRLEStatistics: Equatable, Sendable {
+    public var cacheSize: UInt64
+    /// Bytes of XBZRLE deltas sent.
+    public var bytes: UInt64
+    /// Pages sent as deltas.
+    public var pages: UInt64
+    public var cacheMiss: UInt64
+    /// Misses per lookup over the last pass.
+    public var cacheMissRate: Double
+    /// Pages whose delta would not pay and went whole.
+    public var overflow: UInt64
+}
+
+/// `query-migrate`'s `compression`, with QEMU's meanings.
+public struct CompressionStatistics: Equatable, Sendable {
+    public var pages: UInt64
+    public var busy: UInt64
+    public var busyRate: Double
+    /// Bytes of compressed data sent.
+    public var compressedSize: UInt64
+    /// Uncompressed bytes per compressed byte.
+    public var compressionRate: Double
 }
 
 /// Statistics of the incoming side, for the destination's `query-migrate`.

@@ -42,21 +42,41 @@ extension QMPStandardCommands {
                 .array(migration.capabilities.map { ["capability": .string($0.0.rawValue), "state": .bool($0.1)] })
             },
             QMPCommand("migrate-set-parameters",
-                       arguments: MigrationParameters.names.map { .optional($0, .integer) }) { call throws(QMPError) in
-                var values: [(String, Int64)] = []
+                       arguments: MigrationParameters.names.map { .optional($0, parameterType($0)) }) { call throws(QMPError) in
+                var values: [(String, MigrationParameterValue)] = []
                 for name in MigrationParameters.names {
                     guard let value = call.arguments[name] else { continue }
-                    guard let integer = value.int64Value else {
-                        throw .generic("Parameter '\(name)' expects an integer in the range of 0 to \(Int64.max)")
+                    switch MigrationParameters.kind(of: name) {
+                    case .integer:
+                        guard let integer = value.int64Value else {
+                            throw .generic("Parameter '\(name)' expects an integer in the range of 0 to \(Int64.max)")
+                        }
+                        values.append((name, .integer(integer)))
+                    case .boolean: values.append((name, .boolean(value.boolValue ?? false)))
+                    case .string: values.append((name, .string(value.stringValue ?? "")))
                     }
-                    values.append((name, integer))
                 }
                 do throws(MigrationError) { try migration.setParameters(values) } catch { throw .generic(error.message) }
                 return .object([:])
             },
             QMPCommand("query-migrate-parameters") { _ throws(QMPError) in
                 let parameters = migration.parameters
-                return .object(JSONObject(MigrationParameters.names.map { (key: $0, value: .int(parameters.value(of: $0))) }))
+                return .object(JSONObject(MigrationParameters.names.map { name in
+                    if name == "xbzrle-cache-size" { return (key: name, value: .int(Int64(clamping: migration.xbzrleCacheSize))) }
+                    let value: JSONValue = switch parameters.value(of: name) {
+                    case let .integer(number): .int(number)
+                    case let .boolean(flag): .bool(flag)
+                    case let .string(text): .string(text)
+                    }
+                    return (key: name, value: value)
+                }))
+            },
+            QMPCommand("migrate-set-cache-size", arguments: [.required("value", .integer)]) { call throws(QMPError) in
+                do throws(MigrationError) { try migration.setCacheSize(call.arguments.int64("value") ?? -1) } catch { throw .generic(error.message) }
+                return .object([:])
+            },
+            QMPCommand("query-migrate-cache-size") { _ throws(QMPError) in
+                .int(Int64(clamping: migration.xbzrleCacheSize))
             },
             QMPCommand("migrate_set_speed", arguments: [.required("value", .integer)]) { call throws(QMPError) in
                 migration.setSpeed(call.arguments.int64("value") ?? Int64.max)
@@ -104,22 +124,64 @@ extension QMPStandardCommands {
             "mbps": .double(stats.mbps),
             "dirty-sync-count": .int(Int64(stats.dirtySyncCount)),
         ]
+        // The capability's state at query time decides, as in QEMU.
+        let xbzrle: JSONValue? = migration.capability(.xbzrle) ? xbzrleInfo(stats.xbzrle, cacheSize: migration.xbzrleCacheSize) : nil
+        let compression: JSONValue? = migration.capability(.compress) ? compressionInfo(stats.compression) : nil
         switch stats.status {
         case .active, .cancelling, .postcopyActive:
             info["total-time"] = .int(Int64(WallClock.now - stats.startMilliseconds))
             info["expected-downtime"] = .int(Int64(stats.expectedDowntime ?? 0))
             info["setup-time"] = .int(Int64(stats.setupTime ?? 0))
             info["ram"] = ram
+            if let xbzrle { info["xbzrle-cache"] = xbzrle }
+            if let compression { info["compression"] = compression }
+            if stats.cpuThrottlePercentage > 0 && stats.status != .postcopyActive {
+                // The 2015 name and QEMU 2.x's later one.
+                info["x-cpu-throttle-percentage"] = .int(Int64(stats.cpuThrottlePercentage))
+                info["cpu-throttle-percentage"] = .int(Int64(stats.cpuThrottlePercentage))
+            }
         case .completed:
             info["total-time"] = .int(Int64(stats.totalTime ?? 0))
             info["downtime"] = .int(Int64(stats.downtime ?? 0))
             info["setup-time"] = .int(Int64(stats.setupTime ?? 0))
             info["ram"] = ram
+            if let xbzrle { info["xbzrle-cache"] = xbzrle }
+            if let compression { info["compression"] = compression }
+            if stats.cpuThrottleMaximum > 0 { info["x-cpu-throttle-maximum"] = .int(Int64(stats.cpuThrottleMaximum)) }
         case .failed:
             if let error = stats.errorDescription { info["error-desc"] = .string(error) }
         default:
             break
         }
         return .object(info)
+    }
+
+    static func parameterType(_ name: String) -> QMPArgumentType {
+        switch MigrationParameters.kind(of: name) {
+        case .integer: .integer
+        case .boolean: .boolean
+        case .string: .string
+        }
+    }
+
+    static func xbzrleInfo(_ stats: XBZRLEStatistics?, cacheSize: UInt64) -> JSONValue {
+        [
+            "cache-size": .int(Int64(clamping: stats?.cacheSize ?? cacheSize)),
+            "bytes": .int(Int64(clamping: stats?.bytes ?? 0)),
+            "pages": .int(Int64(clamping: stats?.pages ?? 0)),
+            "cache-miss": .int(Int64(clamping: stats?.cacheMiss ?? 0)),
+            "cache-miss-rate": .double(stats?.cacheMissRate ?? 0),
+            "overflow": .int(Int64(clamping: stats?.overflow ?? 0)),
+        ]
+    }
+
+    static func compressionInfo(_ stats: CompressionStatistics?) -> JSONValue {
+        [
+            "pages": .int(Int64(clamping: stats?.pages ?? 0)),
+            "busy": .int(Int64(clamping: stats?.busy ?? 0)),
+            "busy-rate": .double(stats?.busyRate ?? 0),
+            "compressed-size": .int(Int64(clamping: stats?.compressedSize ?? 0)),
+            "compression-rate": .double(stats?.compressionRate ?? 0),
+        ]
     }
 }
