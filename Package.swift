@@ -36,7 +36,7 @@ let package = Package(
         .executableTarget(name: "tern", dependencies: ["TernCLI"]),
         // Micro-benchmarks that need a live VM; run through bench/dirty-sync.
         .executableTarget(name: "tern-bench", dependencies: ["Machine"]),
-        .testTarget(name: "TernUnitTests", dependencies: ["TernCLI", "QMP", "Migration", "Machine", "KVM", "CKVM"]),
+        .testTarget(name: "TernUnitTests", dependencies: ["TernCLI", "QMP", "Migration", "Machine", "KVM", "CKVM", "CPageCodec", "CZlib", "CZstd"]),
         .testTarget(name: "TernIntegrationTests", dependencies: ["tern", "TernCLI", "QMP", "Migration", "Machine", "KVM"]),
     ],
     swiftLanguageModes: [.v6]
