@@ -57,11 +57,20 @@
  *   rate=SIZE       bytes per second dirtied, over all CPUs; 0 = idle (default)
  *   pattern=random  page bodies are pseudo-random, incompressible (default)
  *   pattern=zero    page bodies are zero
+ *   pattern=compressible
+ *                   page bodies mix pseudo-random words and a filler, so a
+ *                   page compresses about R:1 with zlib level 1 (see ratio=)
+ *   ratio=R         pattern=compressible's ratio, 1..16 (default 3)
+ *   lines=N         a rewrite changes only the page's first N 64-byte lines,
+ *                   1..64 (default 64, the whole page); the others keep what
+ *                   the first fill wrote.  A rewritten page still counts as
+ *                   4096 bytes towards rate=
  *   reboot=N        after N pass lines, print "tern-guest: reboot" and pulse
  *                   the reset line through the keyboard controller (port
  *                   0x64, command 0xFE), as Linux's reboot=k does; tern then
  *                   exits with status 0 (QEMU resets, or exits with -no-reboot)
  *   SIZE is a decimal number with an optional suffix K, M or G (powers of 1024).
+ *   ratio= and lines= take a plain number; values out of range are ignored.
  *
  * PAGE FORMAT
  *   The working set is numbered in 4 KiB pages from 0; page p lives at
@@ -73,7 +82,15 @@
  *                  splitmix64_mix(header + (j + 1) * 0x9E3779B97F4A7C15) | 1
  *                  (lane 0's first output is the word the header replaces)
  *     zero:        words 1..511 are 0
+ *     compressible: with n = ratio_words[R - 1] random words per page, word i
+ *                  (1..511) is random when ((i - 1) * n + 511) mod 512 + n >= 512
+ *                  (exactly n of them, spread evenly), and then equals
+ *                  splitmix64_mix(header + i * 0x9E3779B97F4A7C15) | 1; every
+ *                  other word is the filler 0x0101010101010101 * ((p mod 128) + 1)
  *   Four independent lanes let the CPU overlap the serial xorshift chains.
+ *   The page is 64 lines of 8 words (line 0 holds the header).  With lines=N
+ *   below 64, lines 0..N-1 hold generation g's contents and lines N..63
+ *   generation 1's (as written by the first fill), whatever g is.
  *
  * WORKLOAD
  *   The pages are split evenly between the CPUs (the last takes the
@@ -81,8 +98,9 @@
  *   entries, so no locking is needed.  Each CPU fills its pages with
  *   generation 1, waits for all the others, then loops:
  *     - dirtying: pages due = rate_cpu * elapsed / 4096; every missing page is
- *       written round-robin: verify it against its current generation, then
- *       write generation + 1 and update the table.  A backlog above a quarter
+ *       written round-robin: verify its lines 0..N-1 against its current
+ *       generation, then write them with generation + 1 and update the table
+ *       (lines N..63 are left to the sweep).  A backlog above a quarter
  *       of a second (e.g. after the VM was paused) is forgotten, not caught up.
  *     - verification sweep: the same pacing at 256 MiB/s per CPU, reading
  *       pages round-robin; a completed round over the CPU's pages is a sweep.
@@ -91,12 +109,13 @@
  *   the contents it should have had, so each corruption is reported once.
  *
  * LINES PRINTED ON COM1 (each ends with "\n" alone)
- *   tern-guest: start cpus C wss W MiB rate R MiB/s pattern P tsc T MHz
+ *   tern-guest: start cpus C wss W MiB rate R MiB/s pattern P lines L tsc T MHz
  *   tern-guest: pass N rate RMiB/s ok sweeps S
  *   tern-guest: pass N rate RMiB/s FAIL sweeps S corrupt K
  *   tern-guest: CORRUPT page N
  *   tern-guest: wss clamped to W MiB (working set must end below L MiB)
  *   tern-guest: PIT calibration timed out, assuming tsc T MHz
+ *   P is "random", "zero" or "compressible ratio R"; L is lines=.
  *   N counts pass lines from 1; R is MiB/s actually dirtied in the last second
  *   by all CPUs; S is the number of complete verification sweeps of the whole
  *   working set (the smallest count over the CPUs); K is the number of corrupt
@@ -140,6 +159,10 @@
 
         .equ PATTERN_RANDOM,    0
         .equ PATTERN_ZERO,      1
+        .equ PATTERN_COMPRESSIBLE, 2
+        .equ LINES_PER_PAGE,    64              /* 64-byte cache lines in a page */
+        .equ DEFAULT_RATIO,     3
+        .equ MAX_RATIO,         16
 
         /* Control block layout. */
         .equ CB_LOCK,           0x00            /* u32 UART spinlock */
@@ -153,6 +176,9 @@
         .equ CB_FILLED,         0x40            /* CPUs done with the first fill */
         .equ CB_CORRUPT,        0x48            /* corrupt pages found */
         .equ CB_REBOOT,         0x50            /* reset after this many pass lines; 0 = never */
+        .equ CB_LINES,          0x58            /* lines rewritten per page, 1..64 */
+        .equ CB_RATIO,          0x60            /* pattern=compressible: ratio=R, 1..16 */
+        .equ CB_NRAND,          0x68            /* pattern=compressible: random words per page */
         .equ CB_PERCPU,         0x100           /* one cache line per CPU: */
         .equ PC_WRITTEN,        0x00            /*   pages rewritten (paced) */
         .equ PC_SWEEPS,         0x08            /*   complete verification sweeps */
@@ -364,6 +390,8 @@ setup:
         movq $DEFAULT_WSS, CB + CB_WSS
         movq $0, CB + CB_RATE
         movq $PATTERN_RANDOM, CB + CB_PATTERN
+        movq $LINES_PER_PAGE, CB + CB_LINES
+        movq $DEFAULT_RATIO, CB + CB_RATIO
         movq $0, CB + CB_FILLED
         movq $0, CB + CB_CORRUPT
         movl $0, CB + CB_LOCK
@@ -415,6 +443,9 @@ setup:
 .Linfo_done:
         mov %rbx, %rsi
         call parse_cmdline
+        mov CB + CB_RATIO, %rax         /* ratio=R: random words per page, from the table */
+        movzwl ratio_words - 2(, %rax, 2), %eax
+        mov %rax, CB + CB_NRAND
         call calibrate_tsc
         mov %rax, CB + CB_TSC_HZ
 
@@ -489,7 +520,20 @@ setup:
         cmpq $PATTERN_ZERO, CB + CB_PATTERN
         jne 12f
         lea str_zero(%rip), %rsi
-12:     call put_str
+12:     cmpq $PATTERN_COMPRESSIBLE, CB + CB_PATTERN
+        jne 13f
+        lea str_compressible(%rip), %rsi
+        call put_str
+        lea msg_start_ratio(%rip), %rsi
+        call put_str
+        mov CB + CB_RATIO, %rax
+        call put_dec
+        jmp 14f
+13:     call put_str
+14:     lea msg_start_lines(%rip), %rsi
+        call put_str
+        mov CB + CB_LINES, %rax
+        call put_dec
         lea msg_start_tsc(%rip), %rsi
         call put_str
         mov CB + CB_TSC_HZ, %rax
@@ -512,7 +556,7 @@ setup:
 /*
  * parse_cmdline: RSI = NUL-terminated command line, or 0.  Tokens are
  * separated by spaces (any byte <= ' '); known ones set CB_WSS, CB_RATE,
- * CB_PATTERN; anything else is skipped.
+ * CB_REBOOT, CB_LINES, CB_RATIO, CB_PATTERN; anything else is skipped.
  */
 parse_cmdline:
         push %rbx
@@ -562,7 +606,35 @@ parse_cmdline:
         mov %rax, CB + CB_REBOOT
         jmp .Lp_next
 
-5:      lea str_pattern(%rip), %rdi
+5:      lea str_lines(%rip), %rdi
+        call starts_with
+        test %rax, %rax
+        jz 6f
+        mov %rax, %rsi
+        call parse_size
+        test %edx, %edx
+        jz .Lp_next
+        lea -1(%rax), %rcx              /* 1..64, else ignored */
+        cmp $(LINES_PER_PAGE - 1), %rcx
+        ja .Lp_next
+        mov %rax, CB + CB_LINES
+        jmp .Lp_next
+
+6:      lea str_ratio(%rip), %rdi
+        call starts_with
+        test %rax, %rax
+        jz 7f
+        mov %rax, %rsi
+        call parse_size
+        test %edx, %edx
+        jz .Lp_next
+        lea -1(%rax), %rcx              /* 1..16, else ignored */
+        cmp $(MAX_RATIO - 1), %rcx
+        ja .Lp_next
+        mov %rax, CB + CB_RATIO
+        jmp .Lp_next
+
+7:      lea str_pattern(%rip), %rdi
         call starts_with
         test %rax, %rax
         jz .Lp_next
@@ -578,10 +650,18 @@ parse_cmdline:
 3:      lea str_zero(%rip), %rdi
         call starts_with
         test %rax, %rax
-        jz .Lp_next
+        jz 8f
         cmpb $' ', (%rax)
         ja .Lp_next
         movq $PATTERN_ZERO, CB + CB_PATTERN
+        jmp .Lp_next
+8:      lea str_compressible(%rip), %rdi
+        call starts_with
+        test %rax, %rax
+        jz .Lp_next
+        cmpb $' ', (%rax)
+        ja .Lp_next
+        movq $PATTERN_COMPRESSIBLE, CB + CB_PATTERN
 
 .Lp_next:
         mov %rbx, %rsi                  /* skip the rest of the token */
@@ -920,16 +1000,19 @@ main_loop:
         jmp main_loop
 
 /*
- * rewrite_next: check the next page of the share against its generation,
- * then write the next generation.  Part of the worker, not a helper: uses the
- * worker frame (RBP) and R13 as scratch.
+ * rewrite_next: check the lines of the next page of the share that are about
+ * to be overwritten (lines 0 to lines-1; the others are left to the sweep)
+ * against its generation, then write them with the next generation.  Part of
+ * the worker, not a helper: uses the worker frame (RBP) and R13 as scratch.
  */
 rewrite_next:
         mov F_CURW(%rbp), %r13
         add F_LO(%rbp), %r13
         mov %r13, %rdi
         mov GEN_TABLE(, %r13, 4), %esi
-        call verify_page
+        xor %edx, %edx                  /* the lines about to be overwritten */
+        mov CB + CB_LINES, %ecx
+        call verify_lines
         test %rax, %rax
         jz 1f
         mov %r13, %rdi
@@ -938,7 +1021,9 @@ rewrite_next:
         inc %esi
         mov %esi, GEN_TABLE(, %r13, 4)
         mov %r13, %rdi
-        call write_page
+        xor %edx, %edx
+        mov CB + CB_LINES, %ecx
+        call write_lines
         mov F_PC(%rbp), %rax
         incq PC_WRITTEN(%rax)
         incq F_CREDW(%rbp)
@@ -1147,24 +1232,85 @@ seed_lanes:
         MIX %r11
         ret
 
-/* page_setup: RDI = page index, ESI = generation -> RDX = header, RDI = page address. */
-.macro PAGE_SETUP
+/*
+ * LINES_SETUP: RDI = page index, ESI = generation, EDX = first line, ECX = end
+ * line (first < end <= 64)  ->  RDX = header, RDI = address of the first line,
+ * ECX = number of lines, R8 = first line.  Clobbers RAX.
+ */
+.macro LINES_SETUP
+        mov %edx, %r8d
+        sub %edx, %ecx
         mov %esi, %edx
         shl $32, %rdx
         or %rdi, %rdx
         shl $12, %rdi
         add $WS_BASE, %rdi
+        mov %r8d, %eax
+        shl $6, %eax
+        add %rax, %rdi
 .endm
 
-/* write_page: RDI = page index, ESI = generation.  Writes the page's contents. */
-write_page:
-        PAGE_SETUP
-        cmpq $PATTERN_ZERO, CB + CB_PATTERN
-        je 2f
+/*
+ * pattern=compressible, after LINES_SETUP: ECX = words, R8 = index of the first
+ * word, R9 = the filler (every byte (p mod 128) + 1), R10 = random words per
+ * page (n), RSI = the splitmix64 increment.
+ */
+.macro COMP_SETUP
+        shl $3, %ecx
+        shl $3, %r8d
+        mov %edx, %eax
+        and $0x7f, %eax
+        inc %eax
+        movabs $0x0101010101010101, %r9
+        imul %rax, %r9
+        mov CB + CB_NRAND, %r10
+        movabs $0x9E3779B97F4A7C15, %rsi
+.endm
+
+/*
+ * COMP_START: R8 = index i of the first word (>= 1), RDX = header  ->
+ * RDX = header + i * increment, R8 = ((i - 1) * n + 511) mod 512.  Word i is
+ * random when R8 + n reaches 512 (then R8 -= 512), so words 1-511 hold
+ * exactly n random words, spread evenly.  Clobbers RAX, R11.
+ */
+.macro COMP_START
+        mov %r8, %r11
+        imul %rsi, %r11
+        add %r11, %rdx
+        lea -1(%r8), %rax
+        imul %r10, %rax
+        add $511, %eax
+        and $511, %eax
+        mov %eax, %r8d
+.endm
+
+/*
+ * write_lines: RDI = page index, ESI = generation, EDX = first line, ECX = end
+ * line (first < end <= 64).  Writes those lines of the generation's contents.
+ */
+write_lines:
+        LINES_SETUP
+        mov CB + CB_PATTERN, %rax
+        cmp $PATTERN_ZERO, %rax
+        je .Lw_zero
+        cmp $PATTERN_COMPRESSIBLE, %rax
+        je .Lw_comp
+        push %rcx                       /* lines */
+        push %r8                        /* first line */
         call seed_lanes
+        pop %rcx
+        add %ecx, %ecx                  /* each line is two rounds of the four lanes */
+        jz 2f
+1:      XORSHIFT %r8                    /* skip the lines before the first */
+        XORSHIFT %r9
+        XORSHIFT %r10
+        XORSHIFT %r11
+        dec %ecx
+        jnz 1b
+2:      pop %rcx
+        add %ecx, %ecx
         mov %rdi, %rsi
-        mov $128, %ecx
-1:      XORSHIFT %r8
+3:      XORSHIFT %r8
         mov %r8, (%rdi)
         XORSHIFT %r9
         mov %r9, 8(%rdi)
@@ -1174,29 +1320,81 @@ write_page:
         mov %r11, 24(%rdi)
         add $32, %rdi
         dec %ecx
-        jnz 1b
+        jnz 3b
+        test $0xfff, %esi               /* line 0 written? */
+        jnz 4f
         mov %rdx, (%rsi)                /* the header replaces lane 0's first word */
-        ret
-2:      mov %rdx, (%rdi)
+4:      ret
+
+.Lw_zero:
+        shl $3, %ecx                    /* words */
+        test %r8d, %r8d
+        jnz 5f
+        mov %rdx, (%rdi)
         add $8, %rdi
-        xor %eax, %eax
-        mov $511, %ecx
+        dec %ecx
+5:      xor %eax, %eax
         rep stosq
         ret
 
-/* verify_page: RDI = page index, ESI = generation.  Returns RAX = 0 if the page holds exactly its contents. */
+.Lw_comp:
+        COMP_SETUP
+        test %r8d, %r8d
+        jnz 6f
+        mov %rdx, (%rdi)                /* word 0: the header */
+        add $8, %rdi
+        inc %r8d
+        dec %ecx
+6:      COMP_START
+7:      add %r10d, %r8d
+        cmp $512, %r8d
+        jb 8f
+        sub $512, %r8d
+        mov %rdx, %r11                  /* random word: splitmix64(header + i * increment) */
+        MIX %r11
+        mov %r11, (%rdi)
+        jmp 9f
+8:      mov %r9, (%rdi)
+9:      add %rsi, %rdx
+        add $8, %rdi
+        dec %ecx
+        jnz 7b
+        ret
+
+/*
+ * verify_lines: like write_lines, but compares.  Returns RAX = 0 if those lines
+ * hold exactly the generation's contents.
+ */
 verify_mismatch:
         mov $1, %eax
         ret
-verify_page:
-        PAGE_SETUP
-        cmp %rdx, (%rdi)
-        jne verify_mismatch
-        cmpq $PATTERN_ZERO, CB + CB_PATTERN
-        je 2f
+verify_lines:
+        LINES_SETUP
+        mov CB + CB_PATTERN, %rax
+        cmp $PATTERN_ZERO, %rax
+        je .Lv_zero
+        cmp $PATTERN_COMPRESSIBLE, %rax
+        je .Lv_comp
+        push %rcx                       /* lines */
+        push %r8                        /* first line */
         call seed_lanes
-        /* words 0-3: lane 0's first output is not stored */
-        XORSHIFT %r8
+        pop %rcx
+        add %ecx, %ecx
+        jz 2f
+1:      XORSHIFT %r8                    /* skip the lines before the first */
+        XORSHIFT %r9
+        XORSHIFT %r10
+        XORSHIFT %r11
+        dec %ecx
+        jnz 1b
+        pop %rcx
+        add %ecx, %ecx
+        jmp 3f
+2:      pop %rcx
+        add %ecx, %ecx
+        cmp %rdx, (%rdi)                /* line 0: the header ... */
+        jne verify_mismatch
+        XORSHIFT %r8                    /* ... replaces lane 0's first output */
         XORSHIFT %r9
         cmp %r9, 8(%rdi)
         jne verify_mismatch
@@ -1207,8 +1405,8 @@ verify_page:
         cmp %r11, 24(%rdi)
         jne verify_mismatch
         add $32, %rdi
-        mov $127, %ecx
-1:      XORSHIFT %r8
+        dec %ecx
+3:      XORSHIFT %r8
         cmp %r8, (%rdi)
         jne verify_mismatch
         XORSHIFT %r9
@@ -1222,16 +1420,102 @@ verify_page:
         jne verify_mismatch
         add $32, %rdi
         dec %ecx
-        jnz 1b
+        jnz 3b
         xor %eax, %eax
         ret
-2:      xor %eax, %eax                  /* zero pattern: OR of words 1-511 */
-        mov $1, %ecx
-3:      or (%rdi, %rcx, 8), %rax
-        inc %ecx
-        cmp $512, %ecx
-        jne 3b
+
+.Lv_zero:
+        shl $3, %ecx                    /* words */
+        test %r8d, %r8d
+        jnz 4f
+        cmp %rdx, (%rdi)
+        jne verify_mismatch
+        add $8, %rdi
+        dec %ecx
+4:      xor %eax, %eax                  /* the OR of the other words */
+5:      or (%rdi), %rax
+        add $8, %rdi
+        dec %ecx
+        jnz 5b
         ret
+
+.Lv_comp:
+        COMP_SETUP
+        test %r8d, %r8d
+        jnz 6f
+        cmp %rdx, (%rdi)
+        jne verify_mismatch
+        add $8, %rdi
+        inc %r8d
+        dec %ecx
+6:      COMP_START
+7:      add %r10d, %r8d
+        cmp $512, %r8d
+        jb 8f
+        sub $512, %r8d
+        mov %rdx, %r11
+        MIX %r11
+        cmp %r11, (%rdi)
+        jne verify_mismatch
+        jmp 9f
+8:      cmp %r9, (%rdi)
+        jne verify_mismatch
+9:      add %rsi, %rdx
+        add $8, %rdi
+        dec %ecx
+        jnz 7b
+        xor %eax, %eax
+        ret
+
+/*
+ * write_page: RDI = page index, ESI = generation.  Writes the page's whole
+ * contents: lines 0 to lines-1 of generation ESI, the other lines of
+ * generation 1 (lines=N leaves them as the first fill wrote them).
+ */
+write_page:
+        mov CB + CB_LINES, %ecx
+        cmp $LINES_PER_PAGE, %ecx
+        je 1f
+        cmp $1, %esi
+        jne 2f
+1:      mov $LINES_PER_PAGE, %ecx       /* one generation throughout */
+        xor %edx, %edx
+        jmp write_lines
+2:      push %rdi
+        xor %edx, %edx
+        call write_lines
+        pop %rdi
+        mov $1, %esi
+        mov CB + CB_LINES, %edx
+        mov $LINES_PER_PAGE, %ecx
+        jmp write_lines
+
+/* verify_page: RDI = page index, ESI = generation.  Returns RAX = 0 if the whole page is exactly as write_page writes it. */
+verify_page:
+        mov CB + CB_LINES, %ecx
+        cmp $LINES_PER_PAGE, %ecx
+        je 1f
+        cmp $1, %esi
+        jne 2f
+1:      mov $LINES_PER_PAGE, %ecx
+        xor %edx, %edx
+        jmp verify_lines
+2:      push %rdi
+        xor %edx, %edx
+        call verify_lines
+        pop %rdi
+        test %rax, %rax
+        jnz 3f
+        mov $1, %esi
+        mov CB + CB_LINES, %edx
+        mov $LINES_PER_PAGE, %ecx
+        jmp verify_lines
+3:      ret
+
+/* ratio=R (1..16): random words among words 1-511 of a compressible page,
+ * measured so that a page compresses about R:1 with zlib level 1 (guest/README.md). */
+ratio_words:
+        .word 512, 203, 123, 86, 65, 55, 46, 40, 36, 34, 32, 25, 23, 22, 20, 18
 
 /* ---------------------------------------------------------------------------
  * Output on COM1.
@@ -1309,10 +1593,15 @@ str_reboot:             .asciz "reboot="
 msg_reboot:             .asciz "tern-guest: reboot"
 str_random:             .asciz "random"
 str_zero:               .asciz "zero"
+str_compressible:       .asciz "compressible"
+str_lines:              .asciz "lines="
+str_ratio:              .asciz "ratio="
 msg_start:              .asciz "tern-guest: start cpus "
 msg_start_wss:          .asciz " wss "
 msg_start_rate:         .asciz " MiB rate "
 msg_start_pattern:      .asciz " MiB/s pattern "
+msg_start_ratio:        .asciz " ratio "
+msg_start_lines:        .asciz " lines "
 msg_start_tsc:          .asciz " tsc "
 msg_start_mhz:          .asciz " MHz"
 msg_pass:               .asciz "tern-guest: pass "
