@@ -34,6 +34,25 @@ struct PageCodecTests {
         var flipped = data
         flipped[1000] ^= 0x10
         #expect(crc(flipped) != crc(data))
+        // Long buffers take the three-lane path (lanes of 8 KiB and 256 bytes, joined by
+        // shift tables): they must agree with a bitwise reference at every length and split.
+        var long: [UInt8] = []
+        for seed in 0..<30 { long += randomPage(seed: UInt64(seed) + 100) }
+        for length in [24575, 24576, 24577, 25000, 49152 + 768 + 5, long.count] {
+            let slice = Array(long[..<length])
+            #expect(crc(slice) == Self.bitwiseCRC32C(slice), "length \(length)")
+        }
+        #expect(crc(Array(long[30000...]), from: crc(Array(long[..<30000]))) == crc(long))
+    }
+
+    /// CRC32C one bit at a time, as the definition says.
+    static func bitwiseCRC32C(_ bytes: [UInt8]) -> UInt32 {
+        var crc: UInt32 = 0xFFFF_FFFF
+        for byte in bytes {
+            crc ^= UInt32(byte)
+            for _ in 0..<8 { crc = (crc >> 1) ^ (0x82F6_3B78 & (0 &- (crc & 1))) }
+        }
+        return ~crc
     }
 
     func encode(old: [UInt8], new: [UInt8], capacity: Int = 4096) -> [UInt8]? {
