@@ -109,6 +109,7 @@ final class AutoConverge: PassObserver {
         setThrottle(throttle)
     }
     func migrationEnded() {
+        guard throttle > 0 else { return }
         throttle = 0
         setThrottle(0)
     }

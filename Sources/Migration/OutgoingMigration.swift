@@ -75,7 +75,10 @@ final class OutgoingMigration: @unchecked Sendable {
         let ram = try OutgoingRAMSection(machine: machine, settings: plan.ramSettings(controller), log: controller.log)
         sections = [ram, OutgoingDeviceStateSection(machine: machine)]
         if let settings = plan.autoConverge {
-            let converge = AutoConverge(settings: settings) { [machine] percent in machine.setCPUThrottle(percent: percent) }
+            let converge = AutoConverge(settings: settings) { [machine, controller] percent in
+                controller.log(percent > 0 ? "auto-converge: vCPUs throttled to \(percent)%" : "auto-converge: throttle off")
+                machine.setCPUThrottle(percent: percent)
+            }
             autoConverge = converge
             observers.append(converge)
         }

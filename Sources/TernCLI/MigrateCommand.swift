@@ -4,7 +4,8 @@ import QMP
 /// `tern migrate --qmp SOCKET URI`: drives a migration over QMP with a live progress line.
 public enum MigrateCommand {
     public static let usage = """
-    Usage: tern migrate --qmp SOCKET [--speed BYTES|unlimited] [--downtime MS] URI
+    Usage: tern migrate --qmp SOCKET [--speed BYTES|unlimited] [--downtime MS]
+                        [--capability NAME]... URI
 
     Starts a live migration on the tern (or QEMU) behind the QMP socket SOCKET, to URI
     (tcp:HOST:PORT, unix:PATH, exec:COMMAND, fd:NAME), shows its progress (pass, transferred
@@ -14,6 +15,9 @@ public enum MigrateCommand {
       --speed BYTES    maximum bandwidth in bytes/s (K/M/G suffixes), or 'unlimited'
                        (default: what the source has, 32M unless changed)
       --downtime MS    the downtime limit in milliseconds (default 300)
+      --capability NAME  turn a migration capability on at the source first (xbzrle,
+                       auto-converge, compress, events; repeatable). compress must also be
+                       on at the destination (see docs/qmp.md)
 
     """
 
@@ -28,6 +32,7 @@ public enum MigrateCommand {
         var speed: Int64?
         var downtime: Double?
         var uri: String?
+        var capabilities: [String] = []
         var index = 0
         while index < arguments.count {
             let argument = arguments[index]
@@ -49,6 +54,9 @@ public enum MigrateCommand {
                     printError("migrate: --speed \(text): expected bytes per second (e.g. 1G) or 'unlimited'")
                     return 2
                 }
+            case "--capability":
+                guard let name = value() else { printError("migrate: --capability needs a name, e.g. --capability xbzrle"); return 2 }
+                capabilities.append(name)
             case "--downtime":
                 guard let text = value(), let milliseconds = Double(text), milliseconds >= 0 else {
                     printError("migrate: --downtime needs milliseconds, e.g. --downtime 300")
@@ -72,6 +80,10 @@ public enum MigrateCommand {
             let connection = try QMPConnection(address: socket)
             _ = try connection.receiveMessage()
             _ = try connection.execute("qmp_capabilities", arguments: nil)
+            if !capabilities.isEmpty {
+                let list: [JSONValue] = capabilities.map { ["capability": .string($0), "state": .bool(true)] }
+                try check(connection.execute("migrate-set-capabilities", arguments: ["capabilities": .array(list)]))
+            }
             let outcome = try run(connection, uri: uri, speed: speed, downtime: downtime)
             printSummary(outcome.info)
             return outcome.succeeded ? 0 : 1
@@ -129,6 +141,21 @@ public enum MigrateCommand {
             + String(format: "  %.0f MiB/s", mbps * 1_000_000 / 8 / 1_048_576)
             + "  dirty \(ram["dirty-pages-rate"]?.int64Value ?? 0) pages/s"
             + "  expected downtime \(info["expected-downtime"]?.int64Value ?? 0) ms"
+            + encodingProgress(info)
+    }
+
+    /// What the capabilities in use did, for the progress line.
+    static func encodingProgress(_ info: JSONObject) -> String {
+        var parts = ""
+        if let xbzrle = info["xbzrle-cache"]?.objectValue {
+            parts += "  xbzrle \(xbzrle["pages"]?.int64Value ?? 0) pages (\(xbzrle["cache-miss"]?.int64Value ?? 0) misses)"
+        }
+        if let compression = info["compression"]?.objectValue {
+            let rate: Double = if case let .double(value)? = compression["compression-rate"] { value } else { 0 }
+            parts += String(format: "  compressed %lld pages %.1f:1", compression["pages"]?.int64Value ?? 0, rate)
+        }
+        if let throttle = info["cpu-throttle-percentage"]?.int64Value { parts += "  throttle \(throttle)%" }
+        return parts
     }
 
     static func printSummary(_ info: JSONObject) {
@@ -143,6 +170,16 @@ public enum MigrateCommand {
             lines.append("  passes          \(ram["dirty-sync-count"]?.int64Value ?? 0) dirty-log syncs")
             let mbps: Double = if case let .double(value)? = ram["mbps"] { value } else { 0 }
             lines.append(String(format: "  throughput      %.0f Mbit/s", mbps))
+            if let xbzrle = info["xbzrle-cache"]?.objectValue {
+                lines.append("  xbzrle          \(xbzrle["pages"]?.int64Value ?? 0) pages as deltas (\(mebibytes(xbzrle["bytes"]))), "
+                             + "\(xbzrle["cache-miss"]?.int64Value ?? 0) cache misses, \(xbzrle["overflow"]?.int64Value ?? 0) overflows")
+            }
+            if let compression = info["compression"]?.objectValue {
+                let rate: Double = if case let .double(value)? = compression["compression-rate"] { value } else { 0 }
+                lines.append("  compressed      \(compression["pages"]?.int64Value ?? 0) pages into \(mebibytes(compression["compressed-size"])), "
+                             + String(format: "%.2f:1", rate))
+            }
+            if let throttle = info["x-cpu-throttle-maximum"]?.int64Value { lines.append("  vCPU throttle   up to \(throttle)% (auto-converge)") }
         }
         print(lines.joined(separator: "\n"))
     }
