@@ -36,8 +36,6 @@ final class OutgoingMigration: @unchecked Sendable {
         writer.checksums = plan.checksums
     }
 
-    private var ramSection: OutgoingRAMSection? { sections.first as? OutgoingRAMSection }
-
     /// The thread body.
     func run() {
         machine.waitUntilStarted() // a monitor may ask before the vCPU threads exist
@@ -161,7 +159,7 @@ final class OutgoingMigration: @unchecked Sendable {
         let bandwidth = window.milliseconds > 0 ? window.bytes / window.milliseconds : 0 // bytes per ms
         policy.bandwidthMeasured(bytesPerMillisecond: bandwidth, downtimeLimitNanoseconds: controller.parameters.downtimeLimitNanoseconds)
         stats.mbps = window.milliseconds > 0 ? Double(window.bytes) * 8 / (Double(window.milliseconds) / 1000) / 1_000_000 : 0
-        let dirtyRate = ramSection?.dirtyBytesRate ?? 0
+        let dirtyRate = stats.dirtyPagesRate * MigrationStreamFormat.pageSize // as the sections last reported it
         if dirtyRate > 0 && window.bytes > 10_000 && bandwidth > 0 {
             stats.expectedDowntime = dirtyRate / bandwidth
         }

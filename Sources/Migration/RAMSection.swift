@@ -105,9 +105,6 @@ final class OutgoingRAMSection: OutgoingLiveSection {
         return UInt64(dirtied) * pageSize
     }
 
-    /// Bytes per second the guest dirtied over the last period of a second or more.
-    var dirtyBytesRate: UInt64 { dirtyPagesRate * pageSize }
-
     func iterate(_ stream: SectionStream, budget: UInt64) throws(MigrationStreamError) {
         var pages = Int(min(UInt64(batchPages), max(budget / pageSize, 1)))
         while pages > 0, let start = bitmap.nextSet(from: cursor) {
