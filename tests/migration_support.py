@@ -1,6 +1,17 @@
-"""Helpers for tests/test_migration.py: tern processes set up as migration sources and
-destinations, qemu.qmp sessions with bounded waits, and a reader for tern's migration stream
-(so the tests can damage it at chosen records).
+"""Helpers for tests/test_migration.py and tests/test_capabilities.py: tern processes set up as
+migration sources and destinations, qemu.qmp sessions with bounded waits, and tern's migration
+stream in Python:
+
+- `parse_stream` reads a saved stream of either version into records with the offsets of
+  their header, body, CRC and every field (so a test can damage a chosen field), decoding the
+  version 2 configuration record, the RAM records in each page encoding (zero, raw, xbzrle,
+  zlib, zstd) and the device-state records;
+- `crc32c`, `fix_crc`, `encode_record` and `insert_record` rewrite version 2 records the way a
+  writer would have;
+- `ram_image` rebuilds the guest RAM a stream carries (XBZRLE deltas and compressed pages
+  decoded in Python), to compare with x-query-memory-digest;
+- `V1Writer` and `to_version1` write version 1 streams (what older terns saved), so a test can
+  prove those still restore.
 
 Its `VM` shares the output helpers of tern_harness (`TernOutput`) but starts tern its own way: a
 migration test needs options `tern_harness.Tern` does not take (-incoming, an environment,
@@ -227,57 +238,549 @@ async def wait_status(qmp: QMPClient, vm: VM, wanted: str, timeout: float = STEP
 
 
 # ----- the stream ----------------------------------------------------------------------------
+#
+# Version 2 (what tern writes; Sources/Migration/MigrationStreamFormat.swift, MigrationChannel.swift,
+# StreamConfiguration.swift, PageEncoder.swift, XBZRLEPageEncoder.swift, CompressedPageEncoder.swift,
+# DeviceStateSection.swift):
+#
+#   header   "TERNMIGR"  u32 version (2)
+#   records  u8 type, u8 flags, u16 section, u32 body length, body, [u32 CRC32C]
+#            flags bit 0: required; bit 1: a CRC32C of the 8 header bytes and the body follows
+#
+# Version 1 (read only, StreamV1Loader.swift): header with version 1, then records that are a
+# type byte and a body whose layout the type decides; see V1Writer and parse_stream_v1.
 
 MAGIC = b"TERNMIGR"
 HEADER = 12  # magic, u32 version
-RAM_LAYOUT, RAM_PAGES, RAM_ZERO, PASS_END, DEVICE, SOURCE_STOPPED, END = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x7E
 PAGE = 4096
 
+# Version 2 record types.
+CONFIGURATION, SECTION_DATA, PASS_END, PING, SOURCE_STOPPED, END = 0x01, 0x02, 0x03, 0x04, 0x05, 0x7E
+RECORD_NAMES = {CONFIGURATION: "CONFIGURATION", SECTION_DATA: "SECTION_DATA", PASS_END: "PASS_END", PING: "PING",
+                SOURCE_STOPPED: "SOURCE_STOPPED", END: "END"}
+REQUIRED, CHECKSUM = 0x01, 0x02
+RECORD_HEADER = 8
+NO_SECTION = 0xFFFF
+#: The largest record body a tern reader accepts (StreamRecordFraming.maximumBodyLength).
+MAXIMUM_BODY = 4 << 20
+
+# Page encodings: the first byte of a RAM section record's body.
+ENC_ZERO, ENC_RAW, ENC_XBZRLE, ENC_ZLIB, ENC_ZSTD = 0x01, 0x02, 0x03, 0x04, 0x05
+ENCODING_NAMES = {ENC_ZERO: "zero", ENC_RAW: "raw", ENC_XBZRLE: "xbzrle", ENC_ZLIB: "zlib", ENC_ZSTD: "zstd"}
+
+# Version 1 record types.
+V1_RAM_LAYOUT, V1_RAM_PAGES, V1_RAM_ZERO, V1_PASS_END, V1_DEVICE, V1_SOURCE_STOPPED, V1_END = \
+    0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x7E
+
+
+# ----- CRC32C (Castagnoli), as tern's cpage_crc32c -------------------------------------------
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for index in range(256):
+        value = index
+        for _ in range(8):
+            value = (value >> 1) ^ 0x82F63B78 if value & 1 else value >> 1
+        table.append(value)
+    return table
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+try:  # the `crc32c` package from PyPI, if installed: the same function, much faster
+    import crc32c as _crc32c_module  # type: ignore
+except ImportError:  # pragma: no cover - the table below is the fallback
+    _crc32c_module = None
+
+
+def crc32c(data, crc: int = 0) -> int:
+    """CRC32C of `data`, continuing from `crc` (0 to start), like zlib.crc32's convention:
+    crc32c(b"123456789") == 0xE3069283."""
+    if _crc32c_module is not None:
+        return _crc32c_module.crc32c(bytes(data), crc)
+    table = _CRC32C_TABLE
+    crc ^= 0xFFFFFFFF
+    for byte in bytes(data):
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+assert crc32c(b"123456789") == 0xE3069283
+
+
+# ----- version 2: reading ----------------------------------------------------------------------
 
 class Record:
-    """One record of a tern migration stream: its type, where it starts, and its fields'
-    offsets (absolute positions in the stream)."""
+    """One record of a tern migration stream: its type, where it starts and ends, and its
+    fields' offsets (absolute positions in the stream, so a test can damage them).
 
-    def __init__(self, kind: int, start: int, end: int, fields: dict):
+    Version 2 records also have `flags`, `section` (the id) and `section_name`, `body` (where
+    the body starts), `length` (the body's), `crc_at` (where the CRC32C is, or None), and
+    `values` (the decoded fields: page encoding, page offsets, device name, ...)."""
+
+    def __init__(self, kind: int, start: int, end: int, fields: dict, *, flags: int = 0, section: int = NO_SECTION,
+                 body: Optional[int] = None, length: int = 0, crc_at: Optional[int] = None,
+                 values: Optional[dict] = None, section_name: Optional[str] = None):
         self.kind, self.start, self.end, self.fields = kind, start, end, fields
+        self.flags, self.section, self.body, self.length, self.crc_at = flags, section, body, length, crc_at
+        self.values = values or {}
+        self.section_name = section_name
+
+    @property
+    def required(self) -> bool:
+        return bool(self.flags & REQUIRED)
+
+    @property
+    def encoding(self) -> Optional[int]:
+        """A RAM record's page encoding."""
+        return self.values.get("encoding")
+
+    def body_bytes(self, data) -> bytes:
+        return bytes(data[self.body:self.body + self.length])
 
     def __repr__(self) -> str:
-        return f"Record(0x{self.kind:02x} @{self.start}..{self.end} {self.fields})"
+        name = RECORD_NAMES.get(self.kind, f"0x{self.kind:02x}")
+        extra = f" {self.section_name}" if self.section_name else ""
+        values = {k: v for k, v in self.values.items() if k not in ("entries",)}
+        return f"Record({name}{extra} @{self.start}..{self.end} {values})"
 
 
-def parse_stream(data: bytes) -> list[Record]:
-    """Walks a complete stream (format v1, see Sources/Migration/MigrationStreamFormat.swift)."""
-    assert data[:8] == MAGIC, f"not a tern stream: {data[:16]!r}"
+class Stream(list):
+    """The records of a stream (a list), with the stream's `version` and, for version 2, its
+    decoded `configuration`."""
+
+    def __init__(self, records: Iterable[Record], version: int, configuration: Optional[dict] = None):
+        super().__init__(records)
+        self.version = version
+        self.configuration = configuration or {}
+
+    def of(self, kind: int, section: Optional[str] = None, encoding: Optional[int] = None) -> list[Record]:
+        return [r for r in self if r.kind == kind and (section is None or r.section_name == section)
+                and (encoding is None or r.encoding == encoding)]
+
+    @property
+    def ram(self) -> list[Record]:
+        return self.of(SECTION_DATA, "ram")
+
+    @property
+    def devices(self) -> list[Record]:
+        return self.of(SECTION_DATA, "devices")
+
+
+def stream_version(data) -> int:
+    assert bytes(data[:8]) == MAGIC, f"not a tern stream: {bytes(data[:16])!r}"
+    return struct.unpack_from("<I", data, 8)[0]
+
+
+def parse_stream(data, *, verify_checksums: bool = False) -> Stream:
+    """Walks a complete stream of either version. With verify_checksums, every version 2 record
+    that carries a CRC32C must match it (slow in pure Python: a few seconds per 32 MiB)."""
+    version = stream_version(data)
+    if version == 1:
+        return parse_stream_v1(data)
+    assert version == 2, f"unknown stream version {version}"
+    return parse_stream_v2(data, verify_checksums=verify_checksums)
+
+
+class _Body:
+    """A little-endian cursor over one record body, with absolute offsets."""
+
+    def __init__(self, data, start: int, length: int, what: str):
+        self.data, self.position, self.stop, self.what = data, start, start + length, what
+
+    def take(self, form: str) -> tuple[int, int]:
+        """(absolute offset, value) of the next field."""
+        size = struct.calcsize(form)
+        assert self.position + size <= self.stop, f"{self.what}: ends inside a field"
+        at = self.position
+        self.position += size
+        return at, struct.unpack_from(form, self.data, at)[0]
+
+    def bytes(self, count: int) -> tuple[int, bytes]:
+        assert count >= 0 and self.position + count <= self.stop, f"{self.what}: ends inside {count} bytes"
+        at = self.position
+        self.position += count
+        return at, bytes(self.data[at:at + count])
+
+    def string(self) -> tuple[int, int, str]:
+        """(offset of the length byte, offset of the text, text)."""
+        length_at, length = self.take("<B")
+        at, raw = self.bytes(length)
+        return length_at, at, raw.decode("utf-8", "replace")
+
+    def finish(self) -> None:
+        assert self.position == self.stop, f"{self.what}: {self.stop - self.position} bytes left over"
+
+
+def decode_configuration(data, body: int, length: int) -> tuple[dict, dict]:
+    """(fields, values) of a CONFIGURATION record body (StreamConfiguration.encode)."""
+    cursor = _Body(data, body, length, "CONFIGURATION")
+    fields, values = {}, {}
+    for name, form in (("ram_size", "<Q"), ("page_size", "<I"), ("cpu_count", "<I"), ("flags", "<B")):
+        fields[name], values[name] = cursor.take(form)
+    values["return_path"] = bool(values["flags"] & 1)
+    for what in ("devices", "capabilities"):
+        fields[f"{what}_count"], count = cursor.take("<H")
+        names = []
+        for _ in range(count):
+            names.append(cursor.string()[2])
+        values[what] = names
+    fields["encoding_count"], count = cursor.take("<H")
+    fields["encodings"] = cursor.position
+    values["encodings"] = [cursor.take("<B")[1] for _ in range(count)]
+    fields["section_count"], count = cursor.take("<H")
+    sections = {}
+    for _ in range(count):
+        id_at, section_id = cursor.take("<H")
+        _, name_at, name = cursor.string()
+        version_at, section_version = cursor.take("<I")
+        sections[section_id] = (name, section_version)
+        fields[f"section:{name}:id"], fields[f"section:{name}:name"] = id_at, name_at
+        fields[f"section:{name}:version"] = version_at
+    values["sections"] = sections
+    cursor.finish()
+    return fields, values
+
+
+def decode_ram_record(data, body: int, length: int) -> tuple[dict, dict]:
+    """(fields, values) of a RAM section record. values["entries"] lists every page it carries
+    as (page offset in RAM, absolute offset of its data or None for zero, data length)."""
+    cursor = _Body(data, body, length, "RAM record")
+    fields, values = {}, {}
+    fields["encoding"], encoding = cursor.take("<B")
+    values["encoding"] = encoding
+    entries = []
+    if encoding in (ENC_ZERO, ENC_RAW):
+        fields["offset"], offset = cursor.take("<Q")
+        fields["count"], count = cursor.take("<I")
+        values["offset"], values["count"] = offset, count
+        if encoding == ENC_RAW:
+            fields["data"] = cursor.position
+            cursor.bytes(count * PAGE)
+            entries = [(offset + i * PAGE, fields["data"] + i * PAGE, PAGE) for i in range(count)]
+        else:
+            entries = [(offset + i * PAGE, None, 0) for i in range(count)]
+    elif encoding in (ENC_XBZRLE, ENC_ZLIB, ENC_ZSTD):
+        length_form = "<H" if encoding == ENC_XBZRLE else "<I"
+        fields["count"], count = cursor.take("<H")
+        values["count"] = count
+        fields["index"] = cursor.position
+        index = []
+        for _ in range(count):
+            offset_at, offset = cursor.take("<Q")
+            length_at, entry_length = cursor.take(length_form)
+            index.append((offset, offset_at, length_at, entry_length))
+        fields["data"] = cursor.position
+        for offset, _, _, entry_length in index:
+            at, _ = cursor.bytes(entry_length)
+            entries.append((offset, at, entry_length))
+        values["index"] = [(offset_at, length_at) for _, offset_at, length_at, _ in index]
+        values["offset"] = index[0][0] if index else None
+    else:
+        raise AssertionError(f"RAM record in unknown page encoding 0x{encoding:02x}")
+    cursor.finish()
+    values["entries"] = entries
+    return fields, values
+
+
+def decode_device_record(data, body: int, length: int) -> tuple[dict, dict]:
+    """(fields, values) of a device-state record (DeviceStateSection.swift)."""
+    cursor = _Body(data, body, length, "device record")
+    name_length, name, text = cursor.string()
+    version, section_version = cursor.take("<I")
+    length_at, payload_length = cursor.take("<I")
+    payload, _ = cursor.bytes(payload_length)
+    cursor.finish()
+    fields = {"name_length": name_length, "name": name, "version": version, "length": length_at, "payload": payload}
+    return fields, {"name_text": text, "version": section_version, "payload_length": payload_length,
+                    "name_text_length": version - name}
+
+
+def parse_stream_v2(data, *, verify_checksums: bool = False) -> Stream:
+    assert stream_version(data) == 2
+    records = []
+    configuration: dict = {}
+    position = HEADER
+    while position < len(data):
+        assert position + RECORD_HEADER <= len(data), f"a record header is cut at {position}"
+        kind, flags, section, length = struct.unpack_from("<BBHI", data, position)
+        body = position + RECORD_HEADER
+        crc_at = body + length if flags & CHECKSUM else None
+        end = body + length + (4 if crc_at is not None else 0)
+        assert end <= len(data), f"record 0x{kind:02x} at {position} runs past the end of the stream"
+        if verify_checksums and crc_at is not None:
+            stored = struct.unpack_from("<I", data, crc_at)[0]
+            computed = crc32c(data[position:crc_at])
+            assert stored == computed, f"record 0x{kind:02x} at {position}: CRC 0x{stored:08x}, computed 0x{computed:08x}"
+        fields = {"type": position, "flags": position + 1, "section": position + 2, "length": position + 4}
+        values: dict = {}
+        section_name = None
+        if kind == CONFIGURATION:
+            extra, values = decode_configuration(data, body, length)
+            fields.update(extra)
+            configuration = values
+        elif kind == SECTION_DATA:
+            section_name = configuration.get("sections", {}).get(section, (None,))[0]
+            if section_name == "ram":
+                extra, values = decode_ram_record(data, body, length)
+            elif section_name == "devices":
+                extra, values = decode_device_record(data, body, length)
+            else:
+                raise AssertionError(f"a record for section {section}, which the configuration does not list")
+            fields.update(extra)
+        elif kind == PASS_END:
+            fields["pass"] = body
+            values["pass"] = struct.unpack_from("<I", data, body)[0]
+        elif kind == PING:
+            fields["value"] = body
+            values["value"] = struct.unpack_from("<I", data, body)[0]
+        elif kind == SOURCE_STOPPED:
+            fields["nanoseconds"] = body
+            values["nanoseconds"] = struct.unpack_from("<Q", data, body)[0]
+        elif kind == END:
+            fields["count"] = body
+            values["count"] = struct.unpack_from("<Q", data, body)[0]
+        records.append(Record(kind, position, end, fields, flags=flags, section=section, body=body, length=length,
+                              crc_at=crc_at, values=values, section_name=section_name))
+        position = end
+        if kind == END:
+            break
+    return Stream(records, 2, configuration)
+
+
+# ----- version 2: writing and damaging ---------------------------------------------------------
+
+def encode_record(kind: int, body: bytes, *, flags: int = REQUIRED | CHECKSUM, section: int = NO_SECTION,
+                  length: Optional[int] = None) -> bytes:
+    """One version 2 record; its CRC32C (with CHECKSUM in flags) covers the header and body."""
+    header = struct.pack("<BBHI", kind, flags, section, len(body) if length is None else length)
+    record = header + bytes(body)
+    if flags & CHECKSUM:
+        record += struct.pack("<I", crc32c(record))
+    return record
+
+
+def fix_crc(data: bytearray, record: Record) -> None:
+    """Recomputes `record`'s CRC32C over its (possibly damaged) header and body, as a writer
+    that produced those bytes would have, so the loader's own checks see the damage."""
+    assert record.crc_at is not None, f"{record} carries no CRC"
+    struct.pack_into("<I", data, record.crc_at, crc32c(data[record.start:record.crc_at]))
+
+
+def insert_record(data: bytes, before: Record, raw_record: bytes, *, counted: bool = True) -> bytes:
+    """`raw_record` inserted in front of `before`; with `counted`, the END record's count is
+    raised by one (and its CRC fixed), as the newer writer that wrote it would have."""
+    result = bytearray(data[:before.start] + raw_record + data[before.start:])
+    if counted:
+        end = parse_stream_v2(result)[-1]
+        assert end.kind == END
+        struct.pack_into("<Q", result, end.fields["count"], end.values["count"] + 1)
+        if end.crc_at is not None:
+            fix_crc(result, end)
+    return bytes(result)
+
+
+# ----- the guest RAM a stream carries --------------------------------------------------------
+
+def xbzrle_decode(delta: bytes, page: bytearray) -> None:
+    """Applies a QEMU-style XBZRLE delta (ULEB128 unchanged run, ULEB128 changed run, changed
+    bytes; repeated) to `page` in place."""
+    def uleb(at: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            byte = delta[at]
+            at += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return value, at
+    position = at = 0
+    while at < len(delta):
+        unchanged, at = uleb(at)
+        changed, at = uleb(at)
+        assert changed > 0, "an XBZRLE pair with an empty changed run"
+        position += unchanged
+        assert position + changed <= len(page) and at + changed <= len(delta), "an XBZRLE run past the page"
+        page[position:position + changed] = delta[at:at + changed]
+        position += changed
+        at += changed
+
+
+class ZstdUnavailable(Exception):
+    """Neither the `zstandard` Python package nor the `zstd` command is here to decode zstd pages."""
+
+
+def zstd_decompress_pages(blobs: list[bytes]) -> list[bytes]:
+    """Each blob is one zstd frame holding one page (CompressedPageEncoder)."""
+    if not blobs:
+        return []
+    try:
+        import zstandard  # type: ignore
+    except ImportError:
+        zstandard = None
+    if zstandard is not None:
+        decompressor = zstandard.ZstdDecompressor()
+        return [decompressor.decompress(blob, max_output_size=2 * PAGE) for blob in blobs]
+    command = shutil.which("zstd")
+    if command is None:
+        raise ZstdUnavailable("decoding zstd pages needs the `zstandard` Python package or the `zstd` command")
+    # Concatenated frames decode to the concatenated pages.
+    result = subprocess.run([command, "-d", "-c", "-q"], input=b"".join(blobs), capture_output=True, timeout=60)
+    assert result.returncode == 0, f"zstd -d failed: {result.stderr[-500:]!r}"
+    out = result.stdout
+    assert len(out) == PAGE * len(blobs), f"{len(blobs)} zstd frames decode to {len(out)} bytes, not whole pages"
+    return [out[i * PAGE:(i + 1) * PAGE] for i in range(len(blobs))]
+
+
+def ram_image(data, stream: Optional[Stream] = None) -> bytearray:
+    """The guest RAM a complete stream (either version) leaves on a fresh destination: every RAM
+    record applied in order, in whatever page encoding. Its SHA-256 is comparable with
+    x-query-memory-digest. Raises ZstdUnavailable for zstd pages without a decoder."""
+    import zlib
+    stream = stream if stream is not None else parse_stream(data)
+    if stream.version == 1:
+        size = struct.unpack_from("<Q", data, stream[0].fields["size"])[0]
+        memory = bytearray(size)
+        for record in stream:
+            if record.kind in (V1_RAM_PAGES, V1_RAM_ZERO):
+                offset = struct.unpack_from("<Q", data, record.fields["offset"])[0]
+                count = struct.unpack_from("<I", data, record.fields["count"])[0]
+                if record.kind == V1_RAM_PAGES:
+                    memory[offset:offset + count * PAGE] = data[record.fields["data"]:record.fields["data"] + count * PAGE]
+                else:
+                    memory[offset:offset + count * PAGE] = bytes(count * PAGE)
+        return memory
+    memory = bytearray(stream.configuration["ram_size"])
+    for record in stream.ram:
+        encoding = record.encoding
+        if encoding in (ENC_ZERO, ENC_RAW):
+            offset, count = record.values["offset"], record.values["count"]
+            if encoding == ENC_RAW:
+                start = record.fields["data"]
+                memory[offset:offset + count * PAGE] = data[start:start + count * PAGE]
+            else:
+                memory[offset:offset + count * PAGE] = bytes(count * PAGE)
+            continue
+        entries = record.values["entries"]
+        blobs = [bytes(data[at:at + length]) for _, at, length in entries]
+        if encoding == ENC_ZSTD:
+            pages = zstd_decompress_pages(blobs)
+        elif encoding == ENC_ZLIB:
+            pages = [zlib.decompress(blob) for blob in blobs]
+        else:
+            pages = []
+            for (offset, _, _), blob in zip(entries, blobs):
+                page = memory[offset:offset + PAGE]
+                xbzrle_decode(blob, page)
+                pages.append(page)
+        for (offset, _, _), page in zip(entries, pages):
+            assert len(page) == PAGE, f"a {ENCODING_NAMES[encoding]} page at 0x{offset:x} decodes to {len(page)} bytes"
+            memory[offset:offset + PAGE] = page
+    return memory
+
+
+# ----- version 1 -----------------------------------------------------------------------------
+
+def parse_stream_v1(data) -> Stream:
+    """Walks a complete version 1 stream (StreamV1Loader.swift)."""
+    assert stream_version(data) == 1
     records = []
     position = HEADER
     while position < len(data):
         kind = data[position]
         body = position + 1
-        if kind == RAM_LAYOUT:
+        if kind == V1_RAM_LAYOUT:
             fields, end = {"size": body, "page_size": body + 8}, body + 12
-        elif kind in (RAM_PAGES, RAM_ZERO):
+        elif kind in (V1_RAM_PAGES, V1_RAM_ZERO):
             count = struct.unpack_from("<I", data, body + 8)[0]
             fields = {"offset": body, "count": body + 8, "data": body + 12}
-            end = body + 12 + (count * PAGE if kind == RAM_PAGES else 0)
-        elif kind == PASS_END:
+            end = body + 12 + (count * PAGE if kind == V1_RAM_PAGES else 0)
+        elif kind == V1_PASS_END:
             fields, end = {"pass": body}, body + 4
-        elif kind == DEVICE:
+        elif kind == V1_DEVICE:
             name_length = struct.unpack_from("<H", data, body)[0]
             name = body + 2
             version = name + name_length
             length = struct.unpack_from("<I", data, version + 4)[0]
             fields = {"name_length": body, "name": name, "version": version, "length": version + 4,
-                      "payload": version + 8, "name_text": data[name:version].decode("utf-8", "replace"),
+                      "payload": version + 8, "name_text": bytes(data[name:version]).decode("utf-8", "replace"),
                       "payload_length": length}
             end = version + 8 + length
-        elif kind == SOURCE_STOPPED:
+        elif kind == V1_SOURCE_STOPPED:
             fields, end = {"nanoseconds": body}, body + 8
-        elif kind == END:
+        elif kind == V1_END:
             fields, end = {"pages": body}, body + 8
         else:
-            raise AssertionError(f"unknown record type 0x{kind:02x} at {position}")
+            raise AssertionError(f"unknown version 1 record type 0x{kind:02x} at {position}")
         records.append(Record(kind, position, end, fields))
         position = end
-        if kind == END:
+        if kind == V1_END:
             break
-    return records
+    return Stream(records, 1)
+
+
+class V1Writer:
+    """Writes a version 1 stream, as terns before stream version 2 did."""
+
+    def __init__(self):
+        self.out = bytearray(MAGIC + struct.pack("<I", 1))
+        self.pages = 0
+
+    def ram_layout(self, size: int, page_size: int = PAGE) -> None:
+        self.out += struct.pack("<BQI", V1_RAM_LAYOUT, size, page_size)
+
+    def ram_pages(self, offset: int, contents: bytes) -> None:
+        assert len(contents) % PAGE == 0 and contents
+        count = len(contents) // PAGE
+        self.out += struct.pack("<BQI", V1_RAM_PAGES, offset, count) + contents
+        self.pages += count
+
+    def ram_zero(self, offset: int, count: int) -> None:
+        self.out += struct.pack("<BQI", V1_RAM_ZERO, offset, count)
+        self.pages += count
+
+    def pass_end(self, number: int) -> None:
+        self.out += struct.pack("<BI", V1_PASS_END, number)
+
+    def device(self, name: str, version: int, payload: bytes) -> None:
+        encoded = name.encode()
+        self.out += struct.pack("<BH", V1_DEVICE, len(encoded)) + encoded + struct.pack("<II", version, len(payload))
+        self.out += payload
+
+    def source_stopped(self, nanoseconds: int) -> None:
+        self.out += struct.pack("<BQ", V1_SOURCE_STOPPED, nanoseconds)
+
+    def end(self) -> bytes:
+        """Closes the stream (END carries the number of pages sent) and returns it."""
+        self.out += struct.pack("<BQ", V1_END, self.pages)
+        return bytes(self.out)
+
+
+def to_version1(data) -> bytes:
+    """The version 1 stream equivalent to a version 2 one that uses only the zero and raw page
+    encodings (a plain save: no xbzrle, no compress): the same RAM records, pass ends, device
+    sections and stop time, in the same order. PING records and unknown optional records have
+    no version 1 form and are left out."""
+    stream = parse_stream_v2(data)
+    configuration = stream.configuration
+    assert configuration["page_size"] == PAGE, configuration
+    writer = V1Writer()
+    writer.ram_layout(configuration["ram_size"], configuration["page_size"])
+    for record in stream:
+        if record.kind == SECTION_DATA and record.section_name == "ram":
+            if record.encoding == ENC_RAW:
+                start = record.fields["data"]
+                writer.ram_pages(record.values["offset"], bytes(data[start:start + record.values["count"] * PAGE]))
+            elif record.encoding == ENC_ZERO:
+                writer.ram_zero(record.values["offset"], record.values["count"])
+            else:
+                raise AssertionError(f"version 1 has no form for {ENCODING_NAMES.get(record.encoding)} pages: {record}")
+        elif record.kind == SECTION_DATA and record.section_name == "devices":
+            payload = record.fields["payload"]
+            writer.device(record.values["name_text"], record.values["version"],
+                          bytes(data[payload:payload + record.values["payload_length"]]))
+        elif record.kind == PASS_END:
+            writer.pass_end(record.values["pass"])
+        elif record.kind == SOURCE_STOPPED:
+            writer.source_stopped(record.values["nanoseconds"])
+    return writer.end()

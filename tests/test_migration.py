@@ -8,8 +8,12 @@ was migrated and not booted afresh).
 
 Covered: the tcp (also -smp 2 and -incoming defer), unix, exec and fd transports; a memory
 digest comparison with the destination held paused (-S), and the TERN_TEST_DROP_DIRTY_PAGE hook
-that proves that comparison can fail; cancel; a destination that dies mid-stream; truncated
-and corrupted streams; ping-pong A -> B -> A'; the QMP error cases; MIGRATION events.
+that proves that comparison can fail; cancel; a destination that dies mid-stream; the saved
+stream (version 2: checksums, configuration, the RAM it carries), the same stream rewritten as
+version 1 (still restores), truncated and corrupted streams (each damaged field with its CRC
+recomputed, so the loader's own checks meet it, and damage only the CRC catches), unknown
+optional and required records; ping-pong A -> B -> A'; the QMP error cases; MIGRATION events.
+The capabilities (xbzrle, compress, auto-converge) are in test_capabilities.py.
 
 Skipped, loudly, without /dev/kvm or the tern binary (TERN_BINARY, default .build/debug/tern).
 """
@@ -17,17 +21,20 @@ Skipped, loudly, without /dev/kvm or the tern binary (TERN_BINARY, default .buil
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import socket
 import struct
 import time
+from typing import Optional
 
 import pytest
 
 from migration_support import (
-    DEVICE, END, MEMORY_BYTES, RAM_LAYOUT, RAM_PAGES, SLOW, UNLIMITED, VM, asynctest, execute,
-    execute_error, free_tcp_port, parse_stream, session, skip_reason, status, wait_migration,
-    wait_status,
+    CHECKSUM, CONFIGURATION, ENC_RAW, ENC_XBZRLE, ENC_ZERO, END, HEADER, MEMORY_BYTES, PAGE, PASS_END,
+    REQUIRED, SECTION_DATA, SLOW, UNLIMITED, V1_DEVICE, V1_END, V1_RAM_LAYOUT, V1_RAM_PAGES, VM, asynctest,
+    encode_record, execute, execute_error, fix_crc, free_tcp_port, insert_record, parse_stream, ram_image,
+    session, skip_reason, status, stream_version, to_version1, wait_migration, wait_status,
 )
 
 _SKIP = skip_reason()
@@ -147,7 +154,8 @@ async def test_migrate_unix(launch):
 
 @pytest.fixture(scope="module")
 def saved_stream(tmp_path_factory):
-    """A stream saved through `migrate exec:cat > FILE`, with what the source reported."""
+    """A stream saved through `migrate exec:cat > FILE`, with what the source reported and the
+    source's memory digest once it had completed (postmigrate: its RAM no longer changes)."""
     path = tmp_path_factory.mktemp("stream") / "saved.tern"
     src = VM("saver")
     try:
@@ -158,11 +166,12 @@ def saved_stream(tmp_path_factory):
                 await execute(s, "migrate", {"uri": f"exec:cat > {path}"})
                 info = await wait_migration(s, src)
                 await check_source_completed(s, src, info)
-                return info
-        info = asyncio.run(save())
+                digest = await execute(s, "x-query-memory-digest", timeout=20)
+                return info, digest
+        info, digest = asyncio.run(save())
         data = path.read_bytes()
         return {"path": path, "info": info, "data": data, "last_pass": src.passes()[-1][0],
-                "records": parse_stream(data)}
+                "records": parse_stream(data), "digest": digest}
     finally:
         src.stop()
         src.remove()
@@ -173,14 +182,83 @@ async def test_migrate_exec_save_and_restore(launch, saved_stream):
     info, data = saved_stream["info"], saved_stream["data"]
     assert len(data) == info["ram"]["transferred"], \
         f"the file holds {len(data)} bytes, the source reported {info['ram']['transferred']} transferred"
-    kinds = [r.kind for r in saved_stream["records"]]
-    assert kinds[0] == RAM_LAYOUT and kinds[-1] == END and DEVICE in kinds, kinds[:5]
+    assert stream_version(data) == 2, f"tern should write stream version 2, the file says {stream_version(data)}"
+    # Every record's CRC32C checks out, and the framing is what tern documents.
+    records = parse_stream(data, verify_checksums=True)
+    kinds = [r.kind for r in records]
+    assert kinds[0] == CONFIGURATION and kinds[-1] == END and SECTION_DATA in kinds, kinds[:5]
+    assert all(r.crc_at is not None for r in records), "x-checksum is on by default: every record carries a CRC"
+    assert records[0].required and records[-1].required, (records[0], records[-1])
+    assert records[-1].values["count"] == len(records) - 1, f"END counts {records[-1].values['count']} of {len(records) - 1}"
+    config = records.configuration
+    assert config["ram_size"] == MEMORY_BYTES and config["page_size"] == PAGE and config["cpu_count"] == 1, config
+    assert not config["return_path"], f"a pipe has no return path: {config}"
+    assert config["capabilities"] == [] and set(config["encodings"]) == {ENC_ZERO, ENC_RAW}, config
+    assert sorted(name for name, _ in config["sections"].values()) == ["devices", "ram"], config
+    assert {r.values["name_text"] for r in records.devices} == set(config["devices"]), \
+        f"the device records do not match the configuration's list: {config['devices']}"
+    assert {r.encoding for r in records.ram} == {ENC_ZERO, ENC_RAW}, {r.encoding for r in records.ram}
+    assert sum(r.values["count"] for r in records.ram if r.encoding == ENC_RAW) == info["ram"]["normal"], \
+        "the raw pages in the file are not the source's ram.normal"
+    # The RAM the file carries is the RAM the source held when it completed.
+    image = hashlib.sha256(ram_image(data, records)).hexdigest()
+    assert image == saved_stream["digest"]["sha256"], \
+        f"the RAM in the saved stream ({image}) is not the source's ({saved_stream['digest']})"
     dst = launch("dst", incoming=f"exec:cat {saved_stream['path']}")
     async with session(dst) as d:
         await wait_status(d, dst, "running", timeout=15)
         incoming = await execute(d, "query-migrate")
         assert incoming.get("status") == "completed" and incoming.get("x-bytes-read") == len(data), incoming
     await dst.assert_guest_continues(saved_stream["last_pass"])
+
+
+@asynctest
+async def test_restore_version1_stream(launch, saved_stream, tmp_path):
+    """A VM saved by a tern that wrote stream version 1 still restores: the saved version 2
+    stream rewritten as the equivalent version 1 one loads, with the same RAM, and the guest
+    runs on with its self-check passing."""
+    old = to_version1(saved_stream["data"])
+    assert stream_version(old) == 1
+    converted = parse_stream(old)
+    assert [r.kind for r in converted][0] == V1_RAM_LAYOUT and converted[-1].kind == V1_END, converted[:3]
+    assert hashlib.sha256(ram_image(old, converted)).hexdigest() == saved_stream["digest"]["sha256"], \
+        "the conversion to version 1 lost RAM contents"
+    path = tmp_path / "saved-v1.tern"
+    path.write_bytes(old)
+    dst = launch("dst", incoming=f"exec:cat {path}", paused=True)
+    async with session(dst) as d:
+        await wait_status(d, dst, "paused", timeout=15)
+        incoming = await execute(d, "query-migrate")
+        assert incoming.get("status") == "completed" and incoming.get("x-bytes-read") == len(old), incoming
+        digest = await execute(d, "x-query-memory-digest", timeout=20)
+        assert digest == saved_stream["digest"], f"RAM after a version 1 load {digest}, saved {saved_stream['digest']}"
+        await execute(d, "cont")
+        await wait_status(d, dst, "running")
+    await dst.assert_guest_continues(saved_stream["last_pass"])
+
+
+@asynctest
+async def test_saved_stream_without_checksums_restores(launch, tmp_path):
+    """x-checksum false: records carry no CRC32C (flags bit 1 clear) and the stream still loads."""
+    path = tmp_path / "nocrc.tern"
+    src = launch("src")
+    async with session(src) as s:
+        await src.wait_passes(1)
+        assert (await execute(s, "query-migrate-parameters"))["x-checksum"] is True
+        await execute(s, "migrate-set-parameters", {"x-checksum": False, "max-bandwidth": UNLIMITED})
+        assert (await execute(s, "query-migrate-parameters"))["x-checksum"] is False
+        await execute(s, "migrate", {"uri": f"exec:cat > {path}"})
+        await wait_migration(s, src)
+        digest = await execute(s, "x-query-memory-digest", timeout=20)
+    data = path.read_bytes()
+    records = parse_stream(data)
+    assert all(r.crc_at is None and not r.flags & CHECKSUM for r in records), \
+        f"with x-checksum false some records still carry a CRC: {[r for r in records if r.crc_at is not None][:3]}"
+    assert hashlib.sha256(ram_image(data, records)).hexdigest() == digest["sha256"]
+    dst = launch("dst", incoming=f"exec:cat {path}")
+    async with session(dst) as d:
+        await wait_status(d, dst, "running", timeout=15)
+    await dst.assert_guest_continues(src.passes()[-1][0])
 
 
 @asynctest
@@ -357,9 +435,9 @@ async def test_destination_killed_mid_stream(launch):
 
 # ----- damaged streams -----------------------------------------------------------------------
 
-async def restore_must_fail(launch, data: bytes, workdir, what: str) -> str:
+async def restore_must_fail(launch, data: bytes, workdir, what: str, reason: Optional[str] = None) -> str:
     """Feeds `data` to a fresh destination: it must exit 1 (not by a signal) and say
-    'load of migration failed'. Returns its stderr."""
+    'load of migration failed' (followed by `reason`, if given). Returns its stderr."""
     path = workdir / "damaged.tern"
     path.write_bytes(data)
     dst = launch("dst", incoming=f"exec:cat {path}")
@@ -368,25 +446,51 @@ async def restore_must_fail(launch, data: bytes, workdir, what: str) -> str:
     assert rc is not None and rc >= 0, f"{what}: tern died from signal {-rc}" + dst.diagnostics()
     assert rc == 1, f"{what}: expected exit status 1, got {rc}" + dst.diagnostics()
     assert "load of migration failed" in stderr, f"{what}: no 'load of migration failed' on stderr" + dst.diagnostics()
+    if reason is not None:
+        assert reason in stderr, f"{what}: the load failed, but not because of {reason!r}" + dst.diagnostics()
     return stderr
 
 
+async def restore_must_succeed(launch, data: bytes, workdir, last_pass: int, what: str) -> None:
+    path = workdir / "restore.tern"
+    path.write_bytes(data)
+    dst = launch("dst", incoming=f"exec:cat {path}")
+    async with session(dst) as d:
+        try:
+            await wait_status(d, dst, "running", timeout=15)
+        except AssertionError as error:
+            raise AssertionError(f"{what}: the destination did not load the stream: {error}") from None
+        incoming = await execute(d, "query-migrate")
+        assert incoming.get("status") == "completed" and incoming.get("x-bytes-read") == len(data), (what, incoming)
+    await dst.assert_guest_continues(last_pass)
+
+
 def cut_points(records, size):
-    device = next(r for r in records if r.kind == DEVICE)
+    device = records.devices[len(records.devices) // 2]
+    raw = middle_record(records, ENC_RAW)
     end = records[-1]
     return {
         "empty": 0,
         "inside-magic": 5,
-        "header-only": 12,
+        "header-only": HEADER,
+        "inside-record-header": records[1].start + 3,
+        "after-configuration": records[1].start,
+        "inside-page-data": raw.fields["data"] + PAGE + 100,
+        "before-page-checksum": raw.crc_at,
         "half": size // 2,
         "inside-device-state": device.fields["payload"] + 3,
         "before-end-record": end.start,
+        "inside-end-checksum": end.crc_at + 2,
         "one-byte-short": size - 1,
     }
 
 
-@pytest.mark.parametrize("cut", ["empty", "inside-magic", "header-only", "half", "inside-device-state",
-                                 "before-end-record", "one-byte-short"])
+CUTS = ["empty", "inside-magic", "header-only", "inside-record-header", "after-configuration", "inside-page-data",
+        "before-page-checksum", "half", "inside-device-state", "before-end-record", "inside-end-checksum",
+        "one-byte-short"]
+
+
+@pytest.mark.parametrize("cut", CUTS)
 @asynctest
 async def test_truncated_stream(launch, saved_stream, tmp_path, cut):
     data = saved_stream["data"]
@@ -394,9 +498,10 @@ async def test_truncated_stream(launch, saved_stream, tmp_path, cut):
     await restore_must_fail(launch, data[:at], tmp_path, f"stream cut at byte {at} ({cut})")
 
 
-def middle_record(records, kind):
-    """A record of `kind` from the middle of the stream."""
-    matching = [r for r in records if r.kind == kind]
+def middle_record(records, encoding=None, section="ram"):
+    """A RAM record (of `encoding`) or a device record from the middle of the stream."""
+    matching = records.of(SECTION_DATA, section, encoding)
+    assert matching, f"the stream has no {section} record in encoding {encoding}"
     return matching[len(matching) // 2]
 
 
@@ -404,21 +509,179 @@ def put(data: bytearray, at: int, form: str, value) -> None:
     struct.pack_into(form, data, at, value)
 
 
+#: Damage to one field, then the record's CRC recomputed (as a writer that produced those bytes
+#: would have), so each case exercises the loader's own check of that field. The reason is a
+#: part of what the loader must say (on stderr, after 'load of migration failed').
+FIELD_CORRUPTIONS = {
+    "magic": "bad magic",
+    "version": "stream version 3 is not supported",
+    "ram-size": "the source has 256 MiB of RAM, this machine 128 MiB",
+    "page-size": "8192-byte pages",
+    "vcpu-count": "the source has 2 vCPUs, this machine 1",
+    "configuration-not-first": "does not begin with its configuration record",
+    "second-configuration": "a second configuration record",
+    "record-type-in-middle": "a required record of unknown type 0x55",
+    "unknown-flags": "has unknown flags 0x83",
+    "record-length-huge": "claims 4294967295 bytes",
+    "section-id-unknown": "live section 7, which the configuration does not list",
+    "page-encoding-unknown": "unknown page encoding 0x9",
+    "page-encoding-unannounced": "page encoding 'xbzrle', which the source did not announce",
+    "page-offset-past-ram": "lies outside guest RAM",
+    "page-offset-overflows": "lies outside guest RAM",
+    "page-offset-misaligned": "is malformed",
+    "page-count-huge": "is malformed",
+    "page-count-zero": "is malformed",
+    "zero-run-past-ram": "lies outside guest RAM",
+    "device-name-length": "of 255 bytes (at most 64)",
+    "device-unknown-name": "unknown section 'zzzzz'",
+    "device-version": "has version 4294967295",
+    "device-payload-length": "claims 4294967295 bytes",
+    "device-payload-short": "bytes left over",
+    "end-record-count": "the source wrote",
+}
+
+#: Damage the CRC is there to catch: the bytes change, the CRC stays as written.
+CHECKSUM_CORRUPTIONS = {
+    "page-data-bit-flip": "fails its checksum",
+    "page-data-last-byte": "fails its checksum",
+    "device-payload-bit-flip": "fails its checksum",
+    "configuration-ram-size-unchecked": "fails its checksum",
+    "record-length-grown": "fails its checksum",
+    "end-count-unchecked": "fails its checksum",
+}
+
+
 def corrupt(case: str, data: bytearray, records) -> None:
+    configuration = records[0]
+    pages = middle_record(records, ENC_RAW)
+    zero = middle_record(records, ENC_ZERO)
+    device = next(r for r in records.devices if r.values["name_text"].startswith("cpu/"))
+    end = records[-1]
+    damaged = None  # the record whose CRC is recomputed
+    if case == "magic":
+        data[0] ^= 0xFF
+    elif case == "version":
+        put(data, 8, "<I", 3)
+    elif case in ("ram-size", "configuration-ram-size-unchecked"):
+        put(data, configuration.fields["ram_size"], "<Q", MEMORY_BYTES * 2)
+        damaged = configuration if case == "ram-size" else None
+    elif case == "page-size":
+        put(data, configuration.fields["page_size"], "<I", 8192)
+        damaged = configuration
+    elif case == "vcpu-count":
+        put(data, configuration.fields["cpu_count"], "<I", 2)
+        damaged = configuration
+    elif case == "configuration-not-first":
+        data[configuration.start] = PASS_END
+        damaged = configuration
+    elif case == "second-configuration":
+        data[pages.start] = CONFIGURATION
+        damaged = pages
+    elif case == "record-type-in-middle":
+        data[pages.start] = 0x55
+        damaged = pages
+    elif case == "unknown-flags":
+        data[pages.fields["flags"]] |= 0x80
+        damaged = pages
+    elif case == "record-length-huge":
+        put(data, pages.fields["length"], "<I", 0xFFFF_FFFF)
+        damaged = pages
+    elif case == "section-id-unknown":
+        put(data, pages.fields["section"], "<H", 7)
+        damaged = pages
+    elif case == "page-encoding-unknown":
+        data[pages.fields["encoding"]] = 0x09
+        damaged = pages
+    elif case == "page-encoding-unannounced":
+        data[pages.fields["encoding"]] = ENC_XBZRLE
+        damaged = pages
+    elif case == "page-offset-past-ram":
+        put(data, pages.fields["offset"], "<Q", MEMORY_BYTES)
+        damaged = pages
+    elif case == "page-offset-overflows":
+        put(data, pages.fields["offset"], "<Q", 0xFFFF_FFFF_FFFF_F000)
+        damaged = pages
+    elif case == "page-offset-misaligned":
+        put(data, pages.fields["offset"], "<Q", pages.values["offset"] + 1)
+        damaged = pages
+    elif case == "page-count-huge":
+        put(data, pages.fields["count"], "<I", 0xFFFF_FFFF)
+        damaged = pages
+    elif case == "page-count-zero":
+        put(data, pages.fields["count"], "<I", 0)
+        damaged = pages
+    elif case == "zero-run-past-ram":
+        put(data, zero.fields["offset"], "<Q", MEMORY_BYTES - PAGE)
+        put(data, zero.fields["count"], "<I", 2)
+        damaged = zero
+    elif case == "device-name-length":
+        data[device.fields["name_length"]] = 0xFF
+        damaged = device
+    elif case == "device-unknown-name":
+        start, stop = device.fields["name"], device.fields["version"]
+        data[start:stop] = b"z" * (stop - start)
+        damaged = device
+    elif case == "device-version":
+        put(data, device.fields["version"], "<I", 0xFFFF_FFFF)
+        damaged = device
+    elif case == "device-payload-length":
+        put(data, device.fields["length"], "<I", 0xFFFF_FFFF)
+        damaged = device
+    elif case == "device-payload-short":
+        # The section claims fewer bytes than its record carries.
+        put(data, device.fields["length"], "<I", device.values["payload_length"] // 2)
+        damaged = device
+    elif case in ("end-record-count", "end-count-unchecked"):
+        put(data, end.fields["count"], "<Q", end.values["count"] + 1)
+        damaged = end if case == "end-record-count" else None
+    elif case == "page-data-bit-flip":
+        data[pages.fields["data"] + 3 * PAGE + 1234] ^= 0x10
+    elif case == "page-data-last-byte":
+        data[pages.crc_at - 1] ^= 0xFF
+    elif case == "device-payload-bit-flip":
+        data[device.fields["payload"] + device.values["payload_length"] // 2] ^= 0x01
+    elif case == "record-length-grown":
+        # The reader takes the CRC and 4 bytes of the next record as the body.
+        put(data, pages.fields["length"], "<I", pages.length + 4)
+    else:
+        raise ValueError(case)
+    if damaged is not None:
+        fix_crc(data, damaged)
+
+
+@pytest.mark.parametrize("case", list(FIELD_CORRUPTIONS) + list(CHECKSUM_CORRUPTIONS))
+@asynctest
+async def test_corrupted_stream(launch, saved_stream, tmp_path, case):
+    data = bytearray(saved_stream["data"])
+    corrupt(case, data, saved_stream["records"])
+    reason = FIELD_CORRUPTIONS.get(case) or CHECKSUM_CORRUPTIONS[case]
+    await restore_must_fail(launch, bytes(data), tmp_path, f"corruption {case}", reason)
+
+
+# Version 1 (what older terns saved) is still read: its loader must refuse damage as before.
+
+@pytest.fixture(scope="module")
+def saved_v1(saved_stream):
+    data = to_version1(saved_stream["data"])
+    return {"data": data, "records": parse_stream(data)}
+
+
+def corrupt_v1(case: str, data: bytearray, records) -> None:
     layout = records[0]
-    pages = middle_record(records, RAM_PAGES)
-    device = middle_record(records, DEVICE)
+    pages = [r for r in records if r.kind == V1_RAM_PAGES]
+    pages = pages[len(pages) // 2]
+    device = next(r for r in records if r.kind == V1_DEVICE and r.fields["name_text"].startswith("cpu/"))
     end = records[-1]
     if case == "magic":
         data[0] ^= 0xFF
     elif case == "version":
-        put(data, 8, "<I", 2)
+        put(data, 8, "<I", 3)
     elif case == "ram-size":
         put(data, layout.fields["size"], "<Q", MEMORY_BYTES * 2)
     elif case == "page-size":
         put(data, layout.fields["page_size"], "<I", 8192)
     elif case == "record-type-in-middle":
-        data[records[len(records) // 2].start] = 0x55
+        data[pages.start] = 0x55
     elif case == "page-offset-past-ram":
         put(data, pages.fields["offset"], "<Q", MEMORY_BYTES)
     elif case == "page-offset-overflows":
@@ -440,25 +703,73 @@ def corrupt(case: str, data: bytearray, records) -> None:
         put(data, device.fields["length"], "<I", 0xFFFF_FFFF)
     elif case == "device-payload-short":
         # The section claims fewer bytes than its state needs; what follows is read as records.
-        put(data, device.fields["length"], "<I", max(0, device.fields["payload_length"] // 2))
+        put(data, device.fields["length"], "<I", device.fields["payload_length"] // 2)
     elif case == "end-page-count":
         put(data, end.fields["pages"], "<Q", struct.unpack_from("<Q", data, end.fields["pages"])[0] + 1)
     else:
         raise ValueError(case)
 
 
-CORRUPTIONS = ["magic", "version", "ram-size", "page-size", "record-type-in-middle", "page-offset-past-ram",
-               "page-offset-overflows", "page-offset-misaligned", "page-count-huge", "page-count-zero",
-               "device-name-length", "device-unknown-name", "device-version", "device-payload-length",
-               "device-payload-short", "end-page-count"]
+V1_CORRUPTIONS = {
+    "magic": "bad magic",
+    "version": "stream version 3 is not supported",
+    "ram-size": "the source has 256 MiB of RAM, this machine 128 MiB",
+    "page-size": "page size 8192",
+    "record-type-in-middle": "unknown record type 0x55",
+    "page-offset-past-ram": "lies outside guest RAM",
+    "page-offset-overflows": "lies outside guest RAM",
+    "page-offset-misaligned": "is malformed",
+    "page-count-huge": "is malformed",
+    "page-count-zero": "is malformed",
+    "device-name-length": "a device section name of 65535 bytes",
+    "device-unknown-name": "unknown section 'zzzzz'",
+    "device-version": "has version 4294967295",
+    "device-payload-length": "claims 4294967295 bytes",
+    "device-payload-short": None,  # what follows is misread: any refusal will do
+    "end-page-count": "pages but",
+}
 
 
-@pytest.mark.parametrize("case", CORRUPTIONS)
+@pytest.mark.parametrize("case", list(V1_CORRUPTIONS))
 @asynctest
-async def test_corrupted_stream(launch, saved_stream, tmp_path, case):
-    data = bytearray(saved_stream["data"])
-    corrupt(case, data, saved_stream["records"])
-    await restore_must_fail(launch, bytes(data), tmp_path, f"corruption {case}")
+async def test_corrupted_v1_stream(launch, saved_v1, tmp_path, case):
+    data = bytearray(saved_v1["data"])
+    corrupt_v1(case, data, saved_v1["records"])
+    await restore_must_fail(launch, bytes(data), tmp_path, f"version 1 corruption {case}", V1_CORRUPTIONS[case])
+
+
+@pytest.mark.parametrize("cut", ["header-only", "half", "inside-device-state", "before-end-record", "one-byte-short"])
+@asynctest
+async def test_truncated_v1_stream(launch, saved_v1, tmp_path, cut):
+    data, records = saved_v1["data"], saved_v1["records"]
+    device = next(r for r in records if r.kind == V1_DEVICE)
+    at = {"header-only": HEADER, "half": len(data) // 2, "inside-device-state": device.fields["payload"] + 3,
+          "before-end-record": records[-1].start, "one-byte-short": len(data) - 1}[cut]
+    await restore_must_fail(launch, data[:at], tmp_path, f"version 1 stream cut at byte {at} ({cut})")
+
+
+@asynctest
+async def test_unknown_optional_record_is_skipped(launch, saved_stream, tmp_path):
+    """A record type this tern does not know, not flagged required (flags 0: no CRC either), as
+    a newer tern might write: the loader skips it and the load succeeds. The newer writer would
+    count it in END, so the END count is raised by one."""
+    records = saved_stream["records"]
+    extra = encode_record(0x60, b"from a newer tern" * 5, flags=0)
+    data = insert_record(saved_stream["data"], middle_record(records, ENC_RAW), extra)
+    # And one with a CRC, optional too, just before END.
+    extra_checked = encode_record(0x61, struct.pack("<QQ", 1, 2), flags=CHECKSUM)
+    data = insert_record(data, parse_stream(data)[-1], extra_checked)
+    assert [r.kind for r in parse_stream(data)].count(0x60) == 1
+    await restore_must_succeed(launch, data, tmp_path, saved_stream["last_pass"], "unknown optional records")
+
+
+@asynctest
+async def test_unknown_required_record_is_refused(launch, saved_stream, tmp_path):
+    """The same record flagged required: the loader must refuse the stream, naming the type."""
+    extra = encode_record(0x60, b"from a newer tern" * 5, flags=REQUIRED | CHECKSUM)
+    data = insert_record(saved_stream["data"], middle_record(saved_stream["records"], ENC_RAW), extra)
+    await restore_must_fail(launch, data, tmp_path, "unknown required record",
+                            "a required record of unknown type 0x60")
 
 
 @asynctest
@@ -466,8 +777,10 @@ async def test_restore_into_other_memory_size(launch, saved_stream):
     """A destination must be started with the source's -m: a 256M one refuses a 128M stream."""
     dst = launch("dst", memory="256M", incoming=f"exec:cat {saved_stream['path']}")
     rc = await dst.wait_exit(timeout=15)
-    assert rc == 1 and "load of migration failed" in dst.stderr_text(), \
+    stderr = dst.stderr_text()
+    assert rc == 1 and "load of migration failed" in stderr, \
         f"a 256M destination loading a 128M stream should exit 1, got {rc}" + dst.diagnostics()
+    assert "the source has 128 MiB of RAM, this machine 256 MiB" in stderr, dst.diagnostics()
 
 
 @asynctest
@@ -481,6 +794,7 @@ async def test_restore_into_fewer_cpus(launch, tmp_path):
         await execute(s, "migrate_set_speed", {"value": UNLIMITED})
         await execute(s, "migrate", {"uri": f"exec:cat > {path}"})
         await wait_migration(s, src)
+    assert parse_stream(path.read_bytes()).configuration["cpu_count"] == 2
     dst = launch("dst", smp=1, incoming=f"exec:cat {path}")
     dst.expect_exit = True
     deadline = time.monotonic() + 10
@@ -490,20 +804,36 @@ async def test_restore_into_fewer_cpus(launch, tmp_path):
     assert rc == 1 and "load of migration failed" in dst.stderr_text(), (
         f"a 1-vCPU destination loading a 2-vCPU stream should fail its load and exit 1; "
         f"it is {'still running' if rc is None else f'exited {rc}'}" + dst.diagnostics())
+    assert "the source has 2 vCPUs, this machine 1" in dst.stderr_text(), dst.diagnostics()
 
 
+def garbage_device_payloads(version: int, saved) -> bytes:
+    """The saved stream (as version 2, or converted to version 1) with every device section's
+    payload overwritten with a pattern; in version 2 each record's CRC is recomputed, so the
+    device-state loaders, not the checksum, meet the garbage."""
+    data = bytearray(saved["data"] if version == 2 else to_version1(saved["data"]))
+    records = parse_stream(data)
+    for record in records:
+        if version == 2 and record.kind == SECTION_DATA and record.section_name == "devices":
+            start, length = record.fields["payload"], record.values["payload_length"]
+        elif version == 1 and record.kind == V1_DEVICE:
+            start, length = record.fields["payload"], record.fields["payload_length"]
+        else:
+            continue
+        for i in range(start, start + length):
+            data[i] = (i * 167 + 13) & 0xFF
+        if version == 2:
+            fix_crc(data, record)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("version", [2, 1], ids=["v2", "v1"])
 @asynctest
-async def test_garbage_device_payloads_do_not_crash(launch, saved_stream, tmp_path):
+async def test_garbage_device_payloads_do_not_crash(launch, saved_stream, tmp_path, version):
     """Every device section's payload overwritten with a pattern: tern may refuse the state
     (exit 1) or even accept it, but it must not die from a signal, and must not hang."""
-    data = bytearray(saved_stream["data"])
-    for record in saved_stream["records"]:
-        if record.kind == DEVICE:
-            start = record.fields["payload"]
-            for i in range(start, start + record.fields["payload_length"]):
-                data[i] = (i * 167 + 13) & 0xFF
     path = tmp_path / "garbage.tern"
-    path.write_bytes(bytes(data))
+    path.write_bytes(garbage_device_payloads(version, saved_stream))
     dst = launch("dst", incoming=f"exec:cat {path}")
     dst.expect_exit = True
     deadline = time.monotonic() + 8
@@ -515,6 +845,8 @@ async def test_garbage_device_payloads_do_not_crash(launch, saved_stream, tmp_pa
     else:
         assert rc >= 0, f"tern died from signal {-rc} loading garbage device state" + dst.diagnostics()
         assert rc == 0 or "load of migration failed" in dst.stderr_text(), dst.diagnostics()
+        assert "fails its checksum" not in dst.stderr_text(), \
+            "the CRCs were recomputed: the device loaders should have met the garbage" + dst.diagnostics()
 
 
 # ----- QMP errors ----------------------------------------------------------------------------
@@ -583,17 +915,27 @@ async def test_capabilities(launch):
     vm = launch("vm")
     async with session(vm) as q:
         listed = {c["capability"]: c["state"] for c in await execute(q, "query-migrate-capabilities")}
-        assert listed.get("events") is False and listed.get("compress") is False, listed
-        await execute_error(q, "migrate-set-capabilities", {"capabilities": [{"capability": "compress", "state": True}]})
+        assert set(listed) == {"xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "compress", "events",
+                               "x-postcopy-ram"}, listed
+        assert not any(listed.values()), f"every capability starts off: {listed}"
+        for unimplemented in ("x-postcopy-ram", "rdma-pin-all", "zero-blocks"):
+            await execute_error(q, "migrate-set-capabilities",
+                                {"capabilities": [{"capability": unimplemented, "state": True}]},
+                                desc=f"Capability '{unimplemented}' is not supported by tern yet")
         await execute_error(q, "migrate-set-capabilities", {"capabilities": [{"capability": "no-such", "state": True}]})
+        # A refused change applies nothing, even the valid entries before it.
+        await execute_error(q, "migrate-set-capabilities", {"capabilities": [
+            {"capability": "events", "state": True}, {"capability": "x-postcopy-ram", "state": True}]})
+        listed = {c["capability"]: c["state"] for c in await execute(q, "query-migrate-capabilities")}
+        assert not any(listed.values()), f"a refused migrate-set-capabilities changed {listed}"
         # migrate_cancel with nothing to cancel is not an error.
         assert await execute(q, "migrate_cancel") == {}
         assert await execute(q, "query-migrate") == {}
         # Turning an unimplemented capability off is fine; events can be turned on.
         assert await execute(q, "migrate-set-capabilities", {"capabilities": [
-            {"capability": "compress", "state": False}, {"capability": "events", "state": True}]}) == {}
+            {"capability": "x-postcopy-ram", "state": False}, {"capability": "events", "state": True}]}) == {}
         listed = {c["capability"]: c["state"] for c in await execute(q, "query-migrate-capabilities")}
-        assert listed["events"] is True and listed["compress"] is False, listed
+        assert listed["events"] is True and listed["x-postcopy-ram"] is False, listed
 
 
 PARAMETER_ERRORS = [

@@ -104,7 +104,9 @@ final class AutoConverge: PassObserver {
         guard highPeriods >= 2 else { return }
         highPeriods = 0
         let next = throttle == 0 ? max(settings.initial, verdict.wanted) : throttle + max(settings.increment, 0)
-        throttle = min(next, settings.maximum)
+        let capped = min(next, settings.maximum)
+        guard capped != throttle else { return }
+        throttle = capped
         maximumReached = max(maximumReached, throttle)
         setThrottle(throttle)
     }

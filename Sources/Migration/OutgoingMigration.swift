@@ -225,6 +225,13 @@ final class OutgoingMigration: @unchecked Sendable {
     /// Ends the migration as completed (when `failure` is nil and the guest was stopped for it),
     /// failed or cancelled; restarts the guest if this migration stopped it and did not complete.
     private func finish(failure: String?, stopped wasRunning: Bool?) {
+        var failure = failure
+        if failure != nil, let returnPath, case let .failed(reason)? = returnPath.waitForVerdict(seconds: 1) {
+            // A destination that refuses the stream closes the connection, so the source's
+            // writes may fail first; its reason is what the user needs to see.
+            failure = (stats.downtime == nil && wasRunning == nil ? "the destination refused the migration: "
+                       : "the destination failed to load the migration: ") + reason
+        }
         flushStatistics()
         observers.forEach { $0.migrationEnded() } // the throttle ends with the migration
         sections.forEach { $0.cleanup() }
