@@ -46,6 +46,18 @@ final class MigrationConnection: @unchecked Sendable {
         self.child = child
     }
 
+    /// Waits, up to `timeout` seconds, until a socket's send queue (bytes the peer has not yet
+    /// taken) is below `bytes`. A migration calls it before stopping the guest, so that the
+    /// backlog in the kernel drains while the guest still runs instead of during the downtime.
+    /// Returns at once for a descriptor that is not a socket.
+    func waitForSendQueue(below bytes: Int32, timeout: Double) {
+        let deadline = Date().addingTimeInterval(timeout)
+        var queued: Int32 = 0
+        while ioctl(descriptor, UInt(0x5411) /* SIOCOUTQ */, &queued) == 0, queued >= bytes, Date() < deadline {
+            usleep(200)
+        }
+    }
+
     /// Unblocks a read or write stuck on a dead or slow peer (used by migrate_cancel).
     func shutdownIO() {
         Foundation.shutdown(descriptor, Int32(SHUT_RDWR))

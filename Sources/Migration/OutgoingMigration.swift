@@ -127,6 +127,10 @@ final class OutgoingMigration: @unchecked Sendable {
                     switchOver = policy.shouldSwitchOver(pending: pending.total, passes: Int(stats.dirtySyncCount))
                 }
                 if switchOver {
+                    // Let the kernel's backlog reach the destination while the guest runs;
+                    // the few pages dirtied meanwhile go in the final copy.
+                    writer.flush()
+                    connection.waitForSendQueue(below: 256 << 10, timeout: 0.5)
                     return try switchOverAndComplete()
                 }
                 let budget = limiter.allowance(position: writer.position)
