@@ -49,10 +49,12 @@ public enum RunCommand {
                 return 1
             }
         }
-        // `-incoming defer` must be registered before any client can send migrate-incoming.
-        if options.incoming == "defer" {
-            do { try migration.startIncoming(uri: "defer", autostart: !options.configuration.startPaused) } catch {
-                printError("-incoming defer: \(error.message)")
+        // `-incoming` must be registered (defer) or listening (a URI) before any client can see
+        // the monitor: a client may send migrate-incoming, or point a source at us, at once.
+        // The loader itself waits until the vCPU threads exist.
+        if let uri = options.incoming {
+            do { try migration.startIncoming(uri: uri, autostart: !options.configuration.startPaused) } catch {
+                printError("-incoming \(uri): \(error.message)")
                 return 1
             }
         }
@@ -62,16 +64,6 @@ public enum RunCommand {
         }
         let signalSources = installTerminationHandlers(machine)
         machine.start()
-        if let uri = options.incoming, uri != "defer" {
-            do {
-                try migration.startIncoming(uri: uri, autostart: !options.configuration.startPaused)
-            } catch {
-                printError("-incoming \(uri): \(error.message)")
-                machine.end(.hostQuit(cause: .signal, reason: "the incoming migration could not start"))
-                _ = machine.waitUntilEnded()
-                return 1
-            }
-        }
         let ending = machine.waitUntilEnded()
         signalSources.forEach { $0.cancel() }
         monitor?.stop()
