@@ -396,7 +396,10 @@ async def test_auto_converge_cancel_restores_speed(launch, ending):
     dst.expect_exit = True  # it fails its load when the source cancels
     async with session(src) as s:
         info = await run_migration(s, src, uri, bandwidth=AUTO_CONVERGE_BANDWIDTH, capabilities=["auto-converge"],
-                                   parameters={"cpu-throttle-initial": 99}, timeout=25, wanted=("active",))
+                                   # downtime-limit 0: even throttled, the migration must not
+                                   # converge before this test cancels it (it did once in CI).
+                                   parameters={"cpu-throttle-initial": 99, "downtime-limit": 0}, timeout=25,
+                                   wanted=("active",))
         deadline = time.monotonic() + 25
         while "cpu-throttle-percentage" not in info:
             assert info.get("status") == "active", f"the migration ended before it throttled: {info}"
