@@ -140,14 +140,6 @@ static int has_sse42(void) {
 }
 #endif
 
-int cpage_crc32c_is_hardware(void) {
-#if defined(__x86_64__)
-    return has_sse42();
-#else
-    return 0;
-#endif
-}
-
 uint32_t cpage_crc32c(uint32_t crc, const void *data, size_t length) {
     const uint8_t *p = data;
     crc = ~crc;

@@ -69,9 +69,6 @@ final class MigrationStreamWriter {
         }
     }
 
-    /// The body bytes of the open record so far.
-    var recordBodyLength: Int { recordStart.map { buffer.count - $0 - StreamRecordFraming.headerSize } ?? 0 }
-
     /// Closes the record: fills in its length, appends its checksum, and writes the buffer
     /// out once it is full.
     func endRecord() {

@@ -22,21 +22,25 @@ func guestPages(_ memory: GuestMemory, offset: UInt64, count: UInt64, _ what: St
     return pointer
 }
 
-/// Zero runs: large runs are punched out of the memfd, small ones cleared only where they hold
-/// data, so zero pages are neither dirtied nor allocated.
+/// Zero runs, so zero pages are neither dirtied nor allocated.
 final class ZeroPageDecoder: PageDecoder {
     func apply(_ body: ByteCursor, to memory: GuestMemory) throws(MigrationStreamError) -> UInt64 {
         let offset = try body.read(UInt64.self, "zero run offset")
         let count = UInt64(try body.read(UInt32.self, "zero run count"))
         try body.finish("a zero run")
         _ = try guestPages(memory, offset: offset, count: count, "zero run") // checks the run
-        let pageSize = MigrationStreamFormat.pageSize
-        let length = count * pageSize
-        if length >= 64 * pageSize, memory.discard(offset: offset, length: length) { return count }
-        for extent in memory.dataExtents(offset: offset, length: length) {
-            cguest_zero_pages(memory.hostBase + Int(extent.offset), Int(extent.length), Int(pageSize))
-        }
+        zeroGuestPages(memory, offset: offset, length: count * MigrationStreamFormat.pageSize)
         return count
+    }
+}
+
+/// Makes a checked run of guest pages read as zero without allocating them: large runs are
+/// punched out of the memfd, small ones cleared only where they hold data.
+func zeroGuestPages(_ memory: GuestMemory, offset: UInt64, length: UInt64) {
+    let pageSize = MigrationStreamFormat.pageSize
+    if length >= 64 * pageSize, memory.discard(offset: offset, length: length) { return }
+    for extent in memory.dataExtents(offset: offset, length: length) {
+        cguest_zero_pages(memory.hostBase + Int(extent.offset), Int(extent.length), Int(pageSize))
     }
 }
 

@@ -60,7 +60,7 @@ final class StreamV1Loader {
                     try reader.read(into: destination, count: Int(length))
                     statistics.pagesLoaded += UInt64(count)
                 } else {
-                    applyZeroRun(destination, offset: offset, length: length)
+                    zeroGuestPages(machine.memory, offset: offset, length: length)
                     statistics.zeroPagesLoaded += UInt64(count)
                 }
                 pagesReceived += UInt64(count)
@@ -105,15 +105,6 @@ final class StreamV1Loader {
                 statistics.bytesRead = reader.bytesRead
                 progress(statistics)
             }
-        }
-    }
-
-    /// Makes pages read as zero without allocating them: large runs are punched out of the
-    /// memfd, small ones are cleared only where they hold data.
-    private func applyZeroRun(_ destination: UnsafeMutableRawPointer, offset: UInt64, length: UInt64) {
-        if length >= 64 * pageSize, machine.memory.discard(offset: offset, length: length) { return }
-        for extent in machine.memory.dataExtents(offset: offset, length: length) {
-            cguest_zero_pages(machine.memory.hostBase + Int(extent.offset), Int(extent.length), Int(pageSize))
         }
     }
 }

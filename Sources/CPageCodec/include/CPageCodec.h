@@ -12,9 +12,6 @@
 /// `crc` (start with 0). Uses SSE4.2's crc32 instruction where the CPU has it.
 uint32_t cpage_crc32c(uint32_t crc, const void *data, size_t length);
 
-/// Whether the hardware CRC32C path is in use (for the benchmarks' notes).
-int cpage_crc32c_is_hardware(void);
-
 /// XBZRLE-encodes `page` (the new contents) against `old` (what the destination holds), both
 /// `length` bytes, into `out` of `capacity` bytes. The encoding is a sequence of pairs:
 /// ULEB128 length of a run of unchanged bytes, ULEB128 length of a run of changed bytes, then
