@@ -7,6 +7,7 @@ import Glibc
 public enum GuestMemoryError: Error, CustomStringConvertible, Equatable {
     case outOfRange(address: GuestAddress, length: UInt64)
     case mapFailed(size: UInt64, errno: Int32)
+    case userfault(operation: String, errno: Int32)
 
     public var description: String {
         switch self {
@@ -14,6 +15,10 @@ public enum GuestMemoryError: Error, CustomStringConvertible, Equatable {
             return "guest memory access of \(length) bytes at \(address) is outside guest RAM"
         case let .mapFailed(size, code):
             return "cannot reserve \(size >> 20) MiB of guest RAM: \(String(cString: strerror(code)))"
+        case let .userfault(operation, code):
+            let reason = code == ENOTSUP ? "this kernel cannot handle missing-page faults on shared memory"
+                : String(cString: strerror(code))
+            return "userfaultfd (\(operation)) failed: \(reason)"
         }
     }
 }

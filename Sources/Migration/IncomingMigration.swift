@@ -20,12 +20,28 @@ struct IncomingSettings {
 final class IncomingMigration {
     private let target: MigrationTarget
     private let descriptor: Int32
-    private let reader: MigrationStreamReader
+    private var reader: MigrationStreamReader
     private let settings: IncomingSettings
+    /// What the controller does when postcopy starts, breaks and resumes.
+    var hooks = IncomingPostcopyHooks()
     private(set) var statistics = IncomingStatistics()
     /// Wall-clock nanoseconds when the source stopped its vCPUs, from the stream.
     private(set) var sourceStoppedAt: UInt64?
     private var returnPath: ReturnPathSender?
+    // The version 2 load, across its records (and, in postcopy, its connections).
+    private var records: StreamRecordReader!
+    private var sections: [UInt16: IncomingLiveSection] = [:]
+    private var ram: IncomingRAMSection?
+    private var devices: IncomingDeviceStateSection?
+    private var advisedPostcopy = false
+    private var postcopy: PostcopyDestination?
+    /// The guest runs here while pages still arrive.
+    private(set) var postcopyRunning = false
+
+    var postcopyDestination: PostcopyDestination? { postcopy }
+
+    /// Fault statistics once postcopy has started.
+    var postcopyFaults: PostcopyFaultStatistics? { postcopy?.faultStatistics }
 
     init(target: MigrationTarget, descriptor: Int32, settings: IncomingSettings = IncomingSettings()) {
         self.target = target
@@ -47,6 +63,7 @@ final class IncomingMigration {
             return state
         } catch {
             returnPath?.send(.failed(error.message))
+            postcopy?.stop()
             throw error
         }
     }
@@ -69,7 +86,7 @@ final class IncomingMigration {
     }
 
     private func loadVersion2(progress: (IncomingStatistics) -> Void) throws(MigrationStreamError) -> RunState {
-        let records = StreamRecordReader(reader: reader)
+        records = StreamRecordReader(reader: reader)
         let first = try records.next()
         guard first.type == .configuration else {
             throw MigrationStreamError("the stream does not begin with its configuration record")
@@ -81,9 +98,10 @@ final class IncomingMigration {
                                                  capabilities: settings.capabilities) {
             throw MigrationStreamError(mismatch)
         }
-        var sections: [UInt16: IncomingLiveSection] = [:]
-        var ram: IncomingRAMSection?
-        var devices: IncomingDeviceStateSection?
+        advisedPostcopy = configuration.capabilities.contains(MigrationCapability.postcopyRAM.rawValue)
+        if advisedPostcopy && returnPath == nil {
+            throw MigrationStreamError("the source advises postcopy, but this connection cannot carry a return path")
+        }
         for section in configuration.sections {
             switch (section.name, section.version) {
             case ("ram", 1):
@@ -98,60 +116,197 @@ final class IncomingMigration {
             case ("ram", _), ("devices", _):
                 throw MigrationStreamError("live section '\(section.name)' version \(section.version) is not supported (this tern reads version 1)")
             default:
-                throw MigrationStreamError("the source sends live section '\(section.name)', which this tern does not know")
+                throw MigrationStreamError("the stream has live section '\(section.name)', which this tern does not know")
             }
         }
-        guard ram != nil, let devices else { throw MigrationStreamError("the stream has no RAM or no device-state section") }
-        func publish() {
-            statistics.pagesLoaded = ram?.pagesLoaded ?? 0
-            statistics.zeroPagesLoaded = ram?.zeroPagesLoaded ?? 0
-            statistics.bytesRead = records.bytesRead
-        }
+        guard ram != nil, devices != nil else { throw MigrationStreamError("the stream has no RAM or no device-state section") }
         while true {
-            let record = try records.next()
-            guard let type = record.type else {
-                if record.isRequired {
-                    throw MigrationStreamError("a required record of unknown type 0x\(String(record.typeByte, radix: 16)) at byte \(record.streamOffset)")
-                }
-                continue // an optional record from a newer tern
-            }
-            switch type {
-            case .configuration:
-                throw MigrationStreamError("a second configuration record at byte \(record.streamOffset)")
-            case .sectionData:
-                guard let section = sections[record.section] else {
-                    throw MigrationStreamError("a record for live section \(record.section), which the configuration does not list")
-                }
-                try records.withBody { (body) throws(MigrationStreamError) in try section.load(body) }
-                if records.recordsRead % 4096 == 0 { publish(); progress(statistics) }
-            case .passEnd:
-                publish()
-                progress(statistics)
-            case .ping:
-                let value = try records.withBody { (body) throws(MigrationStreamError) -> UInt32 in
-                    let value = try body.read(UInt32.self, "ping value")
-                    try body.finish("a PING record")
-                    return value
-                }
-                returnPath?.send(.pong(value))
-            case .sourceStopped:
-                sourceStoppedAt = try records.withBody { (body) throws(MigrationStreamError) -> UInt64 in
-                    try body.read(UInt64.self, "stop time")
-                }
-            case .end:
-                let expected = try records.withBody { (body) throws(MigrationStreamError) -> UInt64 in
-                    let count = try body.read(UInt64.self, "record count")
-                    try body.finish("the END record")
-                    return count
-                }
-                guard expected == records.recordsRead - 1 else {
-                    throw MigrationStreamError("the source wrote \(expected) records but \(records.recordsRead - 1) arrived")
-                }
-                publish()
-                for section in sections.values where section !== devices { try section.finish() }
-                try devices.finish()
-                return devices.recordedRunState ?? .paused
+            do {
+                if let state = try loadRecord(progress: progress) { return state }
+            } catch {
+                // Once the guest runs here, neither side holds all of it: wait for a new
+                // connection instead of failing (QEMU 3.0's postcopy recovery).
+                guard postcopyRunning, let postcopy else { throw error }
+                try recover(postcopy, after: error.message)
             }
         }
     }
+
+    private func publish(_ progress: (IncomingStatistics) -> Void) {
+        statistics.pagesLoaded = ram?.pagesLoaded ?? 0
+        statistics.zeroPagesLoaded = ram?.zeroPagesLoaded ?? 0
+        statistics.bytesRead = records.bytesRead
+        progress(statistics)
+    }
+
+    /// Loads one record; returns the recorded run state once the stream has ended.
+    private func loadRecord(progress: (IncomingStatistics) -> Void) throws(MigrationStreamError) -> RunState? {
+        let record = try records.next()
+        guard let type = record.type else {
+            if record.isRequired {
+                throw MigrationStreamError("a required record of unknown type 0x\(String(record.typeByte, radix: 16)) at byte \(record.streamOffset)")
+            }
+            return nil // an optional record from a newer tern
+        }
+        switch type {
+        case .configuration:
+            throw MigrationStreamError("a second configuration record at byte \(record.streamOffset)")
+        case .resume:
+            throw MigrationStreamError("a RESUME record in the middle of the stream at byte \(record.streamOffset)")
+        case .sectionData:
+            guard let section = sections[record.section] else {
+                throw MigrationStreamError("a record for live section \(record.section), which the configuration does not list")
+            }
+            try records.withBody { (body) throws(MigrationStreamError) in try section.load(body) }
+            if records.recordsRead % 4096 == 0 { publish(progress) }
+        case .passEnd:
+            publish(progress)
+        case .ping:
+            let value = try records.withBody { (body) throws(MigrationStreamError) -> UInt32 in
+                let value = try body.read(UInt32.self, "ping value")
+                try body.finish("a PING record")
+                return value
+            }
+            returnPath?.send(.pong(value))
+        case .sourceStopped:
+            sourceStoppedAt = try records.withBody { (body) throws(MigrationStreamError) -> UInt64 in
+                try body.read(UInt64.self, "stop time")
+            }
+        case .discard:
+            let destination = try preparePostcopy("DISCARD")
+            let runs = try records.withBody { (body) throws(MigrationStreamError) in try Self.decodeDiscard(body) }
+            try destination.discard(runs)
+        case .postcopyRun:
+            let destination = try preparePostcopy("POSTCOPY_RUN")
+            let total = try records.withBody { (body) throws(MigrationStreamError) -> UInt64 in
+                let total = try body.read(UInt64.self, "lacking page count")
+                try body.finish("the POSTCOPY_RUN record")
+                return total
+            }
+            guard total == UInt64(destination.lackingCount) else {
+                throw MigrationStreamError("the source will send \(total) pages after the switchover, but \(destination.lackingCount) were dropped here")
+            }
+            destination.startFaultThread() // before the device state, in case loading it touches RAM
+            try devices!.finish()
+            postcopyRunning = true
+            publish(progress)
+            hooks.started(devices!.recordedRunState ?? .paused)
+        case .end:
+            let expected = try records.withBody { (body) throws(MigrationStreamError) -> UInt64 in
+                let count = try body.read(UInt64.self, "record count")
+                try body.finish("the END record")
+                return count
+            }
+            guard expected == records.recordsRead - 1 else {
+                throw MigrationStreamError("the source wrote \(expected) records but \(records.recordsRead - 1) arrived")
+            }
+            if let postcopy {
+                guard postcopy.lackingCount == 0 else {
+                    throw MigrationStreamError("the stream ended with \(postcopy.lackingCount) pages still missing")
+                }
+                postcopy.stop()
+            }
+            publish(progress)
+            for section in sections.values where section !== devices { try section.finish() }
+            if !postcopyRunning { try devices!.finish() }
+            return devices!.recordedRunState ?? .paused
+        }
+        return nil
+    }
+
+    /// DISCARD's body: u32 count, count × (u64 offset, u64 length).
+    static func decodeDiscard(_ body: ByteCursor) throws(MigrationStreamError) -> [ReturnPathMessage.PageRun] {
+        let count = Int(try body.read(UInt32.self, "discard count"))
+        guard count <= body.remaining / 16 else { throw MigrationStreamError("a DISCARD record claims \(count) runs but carries \(body.remaining) bytes") }
+        var runs: [ReturnPathMessage.PageRun] = []
+        runs.reserveCapacity(count)
+        for _ in 0..<count {
+            let offset = try body.read(UInt64.self, "discard offset")
+            let length = try body.read(UInt64.self, "discard length")
+            let pageSize = MigrationStreamFormat.pageSize
+            guard offset % pageSize == 0, length % pageSize == 0, length > 0, length / pageSize <= UInt64(UInt32.max) else {
+                throw MigrationStreamError("a DISCARD run at 0x\(String(offset, radix: 16)) of \(length) bytes is misaligned")
+            }
+            runs.append(.init(offset: offset, pages: UInt32(length / pageSize)))
+        }
+        try body.finish("a DISCARD record")
+        return runs
+    }
+
+    /// The destination's postcopy state, created (guest RAM registered) by the first record
+    /// of the switchover; only for a source that advised postcopy, before the guest runs.
+    private func preparePostcopy(_ what: String) throws(MigrationStreamError) -> PostcopyDestination {
+        guard advisedPostcopy else {
+            throw MigrationStreamError("a \(what) record, but the source did not advise postcopy in its configuration")
+        }
+        guard !postcopyRunning else { throw MigrationStreamError("a \(what) record after postcopy has started") }
+        if let postcopy { return postcopy }
+        let fresh = try PostcopyDestination(memory: target.memory, sender: returnPath)
+        postcopy = fresh
+        ram!.postcopy = fresh // from now on this thread never writes guest RAM directly
+        return fresh
+    }
+
+    /// The connection broke during postcopy: wait for `migrate-recover`'s connection, check
+    /// that its RESUME matches, tell the source what is still lacking, and go on.
+    private func recover(_ postcopy: PostcopyDestination, after reason: String) throws(MigrationStreamError) {
+        var reason = reason
+        while true {
+            postcopy.disconnected()
+            returnPath = nil
+            guard let fresh = hooks.paused(reason) else { throw MigrationStreamError(reason) }
+            do {
+                try resume(on: fresh, postcopy)
+                hooks.resumed()
+                return
+            } catch {
+                reason = "resuming postcopy failed: \(error.message)"
+            }
+        }
+    }
+
+    private func resume(on fresh: Int32, _ postcopy: PostcopyDestination) throws(MigrationStreamError) {
+        reader = MigrationStreamReader(descriptor: fresh)
+        let magic = try reader.readBytes(MigrationStreamFormat.magic.count)
+        let version = try reader.read(UInt32.self)
+        guard magic == MigrationStreamFormat.magic, version == MigrationStreamFormat.version else {
+            throw MigrationStreamError("the resumed connection does not carry a version \(MigrationStreamFormat.version) tern stream")
+        }
+        records = StreamRecordReader(reader: reader)
+        let first = try records.next()
+        guard first.type == .resume else { throw MigrationStreamError("the resumed stream does not begin with a RESUME record") }
+        let (ramSize, pageSize) = try records.withBody { (body) throws(MigrationStreamError) -> (UInt64, UInt32) in
+            let size = try body.read(UInt64.self, "RAM size")
+            let page = try body.read(UInt32.self, "page size")
+            try body.finish("the RESUME record")
+            return (size, page)
+        }
+        guard ramSize == target.memory.size, UInt64(pageSize) == MigrationStreamFormat.pageSize else {
+            throw MigrationStreamError("the resuming source has \(ramSize >> 20) MiB of RAM in \(pageSize)-byte pages; this guest has \(target.memory.size >> 20) MiB")
+        }
+        let sender = ReturnPathSender(descriptor: fresh)
+        returnPath = sender
+        postcopy.reconnected(sender)
+        let runs = postcopy.lackingRuns()
+        var index = 0
+        repeat {
+            let chunk = Array(runs[index..<min(index + ReturnPathMessage.maximumRunsPerMessage, runs.count)])
+            guard sender.send(.lacking(chunk)) else { throw MigrationStreamError("the resuming source went away") }
+            index += chunk.count
+        } while index < runs.count
+        guard sender.send(.resumeReady(runs.reduce(0) { $0 + UInt64($1.pages) })) else {
+            throw MigrationStreamError("the resuming source went away")
+        }
+    }
+}
+
+/// What the destination's controller does at postcopy's turning points.
+struct IncomingPostcopyHooks {
+    /// The device state is loaded and pages will follow: start the guest in the recorded state.
+    var started: (RunState) -> Void = { _ in }
+    /// The connection broke after the guest started (the reason given): returns a new
+    /// connection's descriptor once `migrate-recover` has one, or nil to give up.
+    var paused: (String) -> Int32? = { _ in nil }
+    /// The new connection is set up; pages flow again.
+    var resumed: () -> Void = {}
 }

@@ -46,6 +46,20 @@ protocol OutgoingLiveSection: AnyObject {
     func cleanup()
 }
 
+/// A section whose remaining data can follow the guest to the destination (postcopy): RAM.
+/// After the switchover the migration thread serves the destination's page requests first and
+/// lets the section `iterate` in the background with what is left.
+protocol PostcopyLiveSection: OutgoingLiveSection {
+    /// The guest has stopped for the switchover: syncs one last time, keeps everything not yet
+    /// sent as the remaining set, and returns it: the destination drops those pages and fetches
+    /// them on demand. From now on only encodings that need no old copy are used.
+    func beginPostcopy() throws(MigrationStreamError) -> [ReturnPathMessage.PageRun]
+    /// Sends the pages of a request at once, whether or not they were already sent.
+    func sendRequested(_ stream: SectionStream, offset: UInt64, length: UInt64) throws(MigrationStreamError)
+    /// A resumed connection: the remaining set becomes what the destination says it lacks.
+    func resume(lacking: [ReturnPathMessage.PageRun])
+}
+
 /// A section that never iterates: it has nothing to send until the switchover.
 extension OutgoingLiveSection {
     var encodings: [PageEncoding] { [] }

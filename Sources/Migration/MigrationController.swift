@@ -35,7 +35,17 @@ public final class MigrationController: @unchecked Sendable {
         var incomingStarted = false
         var incomingDeferred = false
         var autostart = true
+        /// `migrate-start-postcopy` was sent for the migration under way.
+        var postcopyRequested = false
+        /// The incoming connection of the moment (postcopy may replace it).
+        var incomingConnection: MigrationConnection?
+        var incomingPostcopy: PostcopyDestination?
+        var recoveryPending = false
     }
+    /// Where `migrate ... resume` hands its connection to the paused source thread.
+    let resumeHandoff = ConnectionHandoff()
+    /// Where `migrate-recover` hands its connection to the paused destination thread.
+    let recoveryHandoff = ConnectionHandoff()
 
     public let machine: Machine
     private let state = Mutex(State())
@@ -61,7 +71,12 @@ public final class MigrationController: @unchecked Sendable {
 
     public var status: MigrationStatus { state.withLock { $0.statistics.status } }
     public var statistics: MigrationStatistics { state.withLock { $0.statistics } }
-    public var incomingStatistics: IncomingStatistics { state.withLock { $0.incoming } }
+    public var incomingStatistics: IncomingStatistics {
+        let (statistics, postcopy) = state.withLock { ($0.incoming, $0.incomingPostcopy) }
+        var result = statistics
+        if let postcopy { result.postcopyFaults = postcopy.faultStatistics }
+        return result
+    }
     public var parameters: MigrationParameters { state.withLock { $0.parameters } }
 
     func update(_ statistics: MigrationStatistics) {
@@ -112,13 +127,15 @@ public final class MigrationController: @unchecked Sendable {
     public func setCapabilities(_ changes: [(MigrationCapability, Bool)]) throws(MigrationError) {
         try state.withLock { (state) throws(MigrationError) in
             let status = state.statistics.status
-            if status == .setup || status == .active || status == .postcopyActive {
+            if status.isInProgress && status != .cancelling {
                 throw MigrationError("There's a migration process in progress")
             }
             for (capability, enabled) in changes where enabled && !capability.isImplemented {
                 throw MigrationError("Capability '\(capability.rawValue)' is not supported by tern yet")
             }
-            for (capability, enabled) in changes { state.capabilities[capability] = enabled }
+            for (capability, enabled) in changes {
+                for name in capability.aliases { state.capabilities[name] = enabled }
+            }
             for message in MigrationCapability.applyRules(&state.capabilities) { log(message) }
         }
     }
@@ -178,7 +195,8 @@ public final class MigrationController: @unchecked Sendable {
 
     /// Starts a migration to `uri` in the background. `blk` and `inc` ask for disk copies;
     /// tern's machines have no disk, so they have nothing to add.
-    public func migrate(uri: String) throws(MigrationError) {
+    public func migrate(uri: String, resume: Bool = false) throws(MigrationError) {
+        if resume { return try resumePostcopy(uri: uri) }
         try state.withLock { (state) throws(MigrationError) in
             if state.statistics.status.isInProgress { throw MigrationError("There's a migration process in progress") }
             // A destination may migrate on once its incoming migration has loaded (ping-pong).
@@ -195,6 +213,7 @@ public final class MigrationController: @unchecked Sendable {
             fresh.startMilliseconds = WallClock.milliseconds()
             fresh.status = state.statistics.status
             state.statistics = fresh
+            state.postcopyRequested = false
         }
         guard transition(from: status, to: .setup) else { throw MigrationError("There's a migration process in progress") }
         let parsed: MigrationURI
@@ -210,6 +229,12 @@ public final class MigrationController: @unchecked Sendable {
         } catch {
             fail(error.message)
             throw MigrationError(error.message)
+        }
+        if capability(.postcopyRAM) && !isSocket(connection.descriptor) {
+            // Postcopy's page requests need a return path, which only a socket carries.
+            _ = connection.close()
+            fail("Unable to open return-path for postcopy")
+            throw MigrationError("Unable to open return-path for postcopy")
         }
         let plan = state.withLock { state in
             state.connection = connection
@@ -230,13 +255,120 @@ public final class MigrationController: @unchecked Sendable {
     }
 
     /// `migrate_cancel`: a migration in setup or active moves to cancelling, and its channel
-    /// is shut down so a write stuck on a dead peer returns at once. Otherwise nothing happens.
-    public func cancel() {
+    /// is shut down so a write stuck on a dead peer returns at once. After the switchover to
+    /// postcopy the guest runs on the destination, so there is nothing to go back to: refused.
+    public func cancel() throws(MigrationError) {
         let current = status
-        guard current == .setup || current == .active || current == .postcopyActive else { return }
+        if current.isPostcopy {
+            throw MigrationError("Postcopy has started: the guest runs on the destination and cannot be cancelled")
+        }
+        guard current == .setup || current == .active else { return }
         if transition(from: current, to: .cancelling) {
             state.withLock { $0.connection }?.shutdownIO()
         }
+    }
+
+    // MARK: postcopy
+
+    /// `migrate-start-postcopy`, with the reference's checks and texts. A migration that has
+    /// already ended is not an error (that would race with the command).
+    public func startPostcopy() throws(MigrationError) {
+        try state.withLock { (state) throws(MigrationError) in
+            guard state.capabilities[.postcopyRAM] == true else {
+                throw MigrationError("Enable postcopy with migration_set_capability before the start of migration")
+            }
+            guard state.statistics.status != .none else {
+                throw MigrationError("Postcopy must be started after migration has been started")
+            }
+            state.postcopyRequested = true
+        }
+    }
+
+    var postcopyRequested: Bool { state.withLock { $0.postcopyRequested } }
+
+    /// `migrate-pause`: breaks the connection of a postcopy on purpose (a stalled peer), so both
+    /// sides go to postcopy-paused and can be resumed elsewhere.
+    public func pausePostcopy() throws(MigrationError) {
+        if status == .postcopyActive {
+            state.withLock { $0.connection }?.shutdownIO()
+            return
+        }
+        let incoming = state.withLock { ($0.incoming.status, $0.incomingConnection) }
+        guard incoming.0 == .postcopyActive, let connection = incoming.1 else {
+            throw MigrationError("migrate-pause is currently only supported during postcopy-active state")
+        }
+        connection.shutdownIO()
+    }
+
+    /// `migrate` with `resume: true`: a new connection for a postcopy paused by a broken link.
+    private func resumePostcopy(uri: String) throws(MigrationError) {
+        guard status == .postcopyPaused else { throw MigrationError("Cannot resume if there is no paused migration") }
+        let connection: MigrationConnection
+        do {
+            connection = try MigrationConnection.connect(try MigrationURI(parsing: uri), descriptorNamed: descriptorNamed)
+        } catch {
+            throw MigrationError(error.message)
+        }
+        guard isSocket(connection.descriptor) else {
+            _ = connection.close()
+            throw MigrationError("Unable to open return-path for postcopy")
+        }
+        guard transition(from: .postcopyPaused, to: .postcopyRecover) else {
+            _ = connection.close()
+            throw MigrationError("Cannot resume if there is no paused migration")
+        }
+        state.withLock { $0.connection = connection }
+        resumeHandoff.offer(connection)
+    }
+
+    /// The source thread, paused: blocks until `migrate ... resume` connects.
+    func waitForResumeConnection() -> MigrationConnection? {
+        state.withLock { $0.connection = nil }
+        return resumeHandoff.wait()
+    }
+
+    /// `migrate-recover URI` on a destination whose postcopy is paused: listens on `uri` and
+    /// hands the source's new connection to the paused load.
+    public func recover(uri: String) throws(MigrationError) {
+        try state.withLock { (state) throws(MigrationError) in
+            guard state.incoming.status == .postcopyPaused else {
+                throw MigrationError("Migrate recover can only be run when postcopy is paused.")
+            }
+            guard !state.recoveryPending else { throw MigrationError("Migrate recovery is triggered already") }
+            state.recoveryPending = true
+        }
+        let listener: IncomingListener
+        do {
+            let parsed = try MigrationURI(parsing: uri)
+            switch parsed {
+            case .tcp, .unix: listener = try IncomingListener(uri: parsed)
+            default: throw MigrationStreamError("migrate-recover needs a tcp: or unix: URI (postcopy needs a return path)")
+            }
+        } catch {
+            state.withLock { $0.recoveryPending = false }
+            throw MigrationError((error as? MigrationStreamError)?.message ?? "unknown migration protocol: \(uri)")
+        }
+        log("incoming: waiting for the source to resume on \(uri)")
+        let thread = Thread { [self] in
+            let connection = try? listener.accept()
+            state.withLock { $0.recoveryPending = false }
+            guard let connection else { return }
+            setIncomingStatus(.postcopyRecover)
+            recoveryHandoff.offer(connection)
+        }
+        thread.name = "migration-recover"
+        thread.start()
+    }
+
+    private func setIncomingStatus(_ status: MigrationStatus, error: String? = nil) {
+        let old = state.withLock { state -> MigrationStatus in
+            let old = state.incoming.status
+            state.incoming.status = status
+            if let error { state.incoming.errorDescription = error }
+            return old
+        }
+        log("incoming: \(old.rawValue) -> \(status.rawValue)")
+        if capability(.events) { observer(.statusChanged(status)) }
     }
 
     // MARK: incoming
@@ -325,33 +457,65 @@ public final class MigrationController: @unchecked Sendable {
                              decompressThreads: Int(state.parameters.decompressThreads))
         }
         let incoming = IncomingMigration(machine: machine, descriptor: connection.descriptor, settings: settings)
+        state.withLock { $0.incomingConnection = connection }
+        var started: UInt64?
+        incoming.hooks.started = { [self, unowned incoming] recorded in
+            state.withLock { $0.incomingPostcopy = incoming.postcopyDestination }
+            startGuest(recorded)
+            started = WallClock.nanoseconds()
+            setIncomingStatus(.postcopyActive)
+        }
+        incoming.hooks.paused = { [self] reason in
+            _ = state.withLock { $0.incomingConnection }?.close()
+            state.withLock { $0.incomingConnection = nil }
+            setIncomingStatus(.postcopyPaused, error: "the connection to the source was lost during postcopy (\(reason)); "
+                              + "the guest keeps running and waits for its missing pages: resume with migrate-recover")
+            guard let fresh = recoveryHandoff.wait() else { return nil }
+            state.withLock { $0.incomingConnection = fresh }
+            return fresh.descriptor
+        }
+        incoming.hooks.resumed = { [self] in
+            state.withLock { $0.incoming.errorDescription = nil }
+            setIncomingStatus(.postcopyActive)
+        }
         let recorded: RunState
         do {
             recorded = try incoming.load { progress in
                 self.state.withLock { $0.incoming.pagesLoaded = progress.pagesLoaded; $0.incoming.bytesRead = progress.bytesRead }
             }
         } catch {
-            _ = connection.close()
+            _ = state.withLock { $0.incomingConnection }?.close()
             incomingFailure(error.message)
             return
         }
-        _ = connection.close()
+        let postcopyFaults = incoming.postcopyFaults
+        _ = state.withLock { $0.incomingConnection }?.close()
+        if started == nil {
+            startGuest(recorded)
+            started = WallClock.nanoseconds()
+        }
+        state.withLock { state in
+            state.incomingConnection = nil
+            state.incomingPostcopy = nil
+            state.incoming = incoming.statistics
+            state.incoming.postcopyFaults = postcopyFaults
+            state.incoming.status = .completed
+            if let stopped = incoming.sourceStoppedAt, let started, started >= stopped {
+                state.incoming.guestDowntime = (started - stopped) / 1_000_000
+            }
+        }
+        log("incoming: completed, guest \(machine.runState.rawValue)")
+        if capability(.events) { observer(.statusChanged(.completed)) }
+    }
+
+    /// Runs the loaded guest if the source ran it and autostart allows (QEMU's rule).
+    private func startGuest(_ recorded: RunState) {
         let autostart = state.withLock { $0.autostart }
         if recorded == .running && autostart {
             machine.resume(fromIncomingMigration: true)
         } else {
             machine.setStoppedState(.paused)
         }
-        let started = WallClock.nanoseconds()
-        state.withLock { state in
-            state.incoming = incoming.statistics
-            state.incoming.status = .completed
-            if let stopped = incoming.sourceStoppedAt, started >= stopped {
-                state.incoming.guestDowntime = (started - stopped) / 1_000_000
-            }
-        }
-        log("incoming: completed, guest \(machine.runState.rawValue)")
-        if capability(.events) { observer(.statusChanged(.completed)) }
     }
 
     private func incomingFailure(_ reason: String) {

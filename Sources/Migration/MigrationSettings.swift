@@ -7,13 +7,15 @@ public enum MigrationCapability: String, Sendable, CaseIterable {
     case zeroBlocks = "zero-blocks"
     case compress
     case events
-    case postcopyRAM = "x-postcopy-ram"
+    /// The 2015 name; `postcopy-ram` is QEMU 2.6's. They are one capability.
+    case xPostcopyRAM = "x-postcopy-ram"
+    case postcopyRAM = "postcopy-ram"
 
     /// Capabilities tern can turn on; the others are refused when set to true.
     public var isImplemented: Bool {
         switch self {
-        case .events, .xbzrle, .compress, .autoConverge: true
-        case .rdmaPinAll, .zeroBlocks, .postcopyRAM: false
+        case .events, .xbzrle, .compress, .autoConverge, .xPostcopyRAM, .postcopyRAM: true
+        case .rdmaPinAll, .zeroBlocks: false
         }
     }
 
@@ -24,9 +26,18 @@ public enum MigrationCapability: String, Sendable, CaseIterable {
         var messages: [String] = []
         if capabilities[.postcopyRAM] == true && capabilities[.compress] == true {
             capabilities[.postcopyRAM] = false
+            capabilities[.xPostcopyRAM] = false
             messages.append("Postcopy is not currently compatible with compression")
         }
         return messages
+    }
+
+    /// The capabilities a change to `self` sets: both names of postcopy move together.
+    var aliases: [MigrationCapability] {
+        switch self {
+        case .postcopyRAM, .xPostcopyRAM: [.xPostcopyRAM, .postcopyRAM]
+        default: [self]
+        }
     }
 }
 
@@ -63,6 +74,12 @@ public struct MigrationParameters: Equatable, Sendable {
     public var compressionMethod: CompressionMethod = .none
     /// Whether stream records carry a CRC32C.
     public var checksums = true
+    /// tern's `x-postcopy-after-passes`: with postcopy on, switch to it by itself after this
+    /// many pre-copy passes that did not converge (0: only on `migrate-start-postcopy`).
+    public var postcopyAfterPasses: Int64 = 0
+    /// QEMU 3.0's `max-postcopy-bandwidth`: bytes per second for the background pages after the
+    /// switchover (page requests are never held back); 0, the default, means unlimited.
+    public var maxPostcopyBandwidth: UInt64 = 0
 
     public init() {}
 
@@ -74,7 +91,7 @@ public struct MigrationParameters: Equatable, Sendable {
     public static let names = ["compress-level", "compress-threads", "decompress-threads", "x-cpu-throttle-initial",
                                "x-cpu-throttle-increment", "cpu-throttle-initial", "cpu-throttle-increment",
                                "max-cpu-throttle", "max-bandwidth", "downtime-limit", "xbzrle-cache-size",
-                               "multifd-compression", "x-checksum"]
+                               "multifd-compression", "x-checksum", "x-postcopy-after-passes", "max-postcopy-bandwidth"]
 
     /// The kind of value each parameter takes.
     public enum Kind: Sendable { case integer, boolean, string }
@@ -124,6 +141,10 @@ public struct MigrationParameters: Equatable, Sendable {
         case "x-checksum":
             guard case .boolean = value else { return "Invalid parameter type for 'x-checksum', expected: boolean" }
             return nil
+        case "max-postcopy-bandwidth":
+            return range(0...Int64.max, "Parameter 'max_postcopy_bandwidth' expects an integer in the range of 0 to \(Int64.max) bytes/second")
+        case "x-postcopy-after-passes":
+            return range(0...1000, "Parameter 'x-postcopy-after-passes' expects an integer in the range of 0 to 1000")
         default:
             return "Parameter '\(name)' is unexpected"
         }
@@ -141,6 +162,8 @@ public struct MigrationParameters: Equatable, Sendable {
         case "downtime-limit": .integer(Int64(clamping: downtimeLimit))
         case "multifd-compression": .string(compressionMethod.rawValue)
         case "x-checksum": .boolean(checksums)
+        case "x-postcopy-after-passes": .integer(postcopyAfterPasses)
+        case "max-postcopy-bandwidth": .integer(Int64(clamping: maxPostcopyBandwidth))
         default: .integer(0)
         }
     }
@@ -157,6 +180,8 @@ public struct MigrationParameters: Equatable, Sendable {
         case let ("downtime-limit", .integer(v)): downtimeLimit = UInt64(v)
         case let ("multifd-compression", .string(v)): compressionMethod = CompressionMethod(rawValue: v) ?? .none
         case let ("x-checksum", .boolean(v)): checksums = v
+        case let ("x-postcopy-after-passes", .integer(v)): postcopyAfterPasses = v
+        case let ("max-postcopy-bandwidth", .integer(v)): maxPostcopyBandwidth = UInt64(v)
         default: break
         }
     }
@@ -169,10 +194,15 @@ struct MigrationPlan {
     var xbzrleCacheSize: UInt64?
     var compression: (method: CompressionMethod, level: Int, threads: Int)?
     var autoConverge: AutoConverge.Settings?
+    /// Postcopy may be started (the capability is on).
+    var postcopy: Bool
+    var postcopyAfterPasses: Int
 
     init(capabilities: [MigrationCapability: Bool], parameters: MigrationParameters, xbzrleCacheSize: UInt64) {
         self.capabilities = MigrationCapability.allCases.filter { capabilities[$0] == true }.map(\.rawValue)
         checksums = parameters.checksums
+        postcopy = capabilities[.postcopyRAM] == true
+        postcopyAfterPasses = Int(parameters.postcopyAfterPasses)
         self.xbzrleCacheSize = capabilities[.xbzrle] == true ? xbzrleCacheSize : nil
         if capabilities[.compress] == true {
             compression = (parameters.compressionMethod == .zstd ? .zstd : .zlib, Int(parameters.compressLevel),

@@ -27,6 +27,10 @@ public struct MigrationStatistics: Equatable, Sendable {
     public var cpuThrottlePercentage = 0
     /// The highest throttle this migration applied.
     public var cpuThrottleMaximum = 0
+    /// Page requests from the destination served during postcopy.
+    public var postcopyRequests: UInt64 = 0
+    /// Whether the migration switched to postcopy.
+    public var enteredPostcopy = false
 
     public init() {}
 
@@ -68,6 +72,8 @@ public struct IncomingStatistics: Equatable, Sendable {
     /// host; across hosts, as good as their clock synchronisation).
     public var guestDowntime: UInt64?
     public var errorDescription: String?
+    /// Postcopy's faults and their fault-to-install latency, once the guest runs here.
+    public var postcopyFaults: PostcopyFaultStatistics?
 
     public init() {}
 }

@@ -5,8 +5,12 @@ public enum MigrationStatus: String, Sendable, CaseIterable {
     case cancelling
     case cancelled
     case active
-    /// Reserved: tern does not do postcopy yet.
+    /// The guest runs on the destination; the source streams the pages it still lacks.
     case postcopyActive = "postcopy-active"
+    /// The connection broke during postcopy: both sides keep what they hold and wait.
+    case postcopyPaused = "postcopy-paused"
+    /// A new connection is being set up to resume a paused postcopy.
+    case postcopyRecover = "postcopy-recover"
     case completed
     case failed
 
@@ -19,7 +23,11 @@ public enum MigrationStatus: String, Sendable, CaseIterable {
             return true
         case (.active, .completed), (.active, .failed), (.active, .cancelling), (.active, .postcopyActive):
             return true
-        case (.postcopyActive, .completed), (.postcopyActive, .failed), (.postcopyActive, .cancelling):
+        case (.postcopyActive, .completed), (.postcopyActive, .failed), (.postcopyActive, .postcopyPaused):
+            return true
+        case (.postcopyPaused, .postcopyRecover), (.postcopyPaused, .failed):
+            return true
+        case (.postcopyRecover, .postcopyActive), (.postcopyRecover, .postcopyPaused), (.postcopyRecover, .failed):
             return true
         case (.cancelling, .cancelled), (.cancelling, .failed), (.cancelling, .completed):
             return true
@@ -29,5 +37,13 @@ public enum MigrationStatus: String, Sendable, CaseIterable {
     }
 
     /// Setup, active or postcopy: a migration is under way.
-    public var isInProgress: Bool { self == .setup || self == .active || self == .postcopyActive || self == .cancelling }
+    public var isInProgress: Bool {
+        switch self {
+        case .setup, .active, .postcopyActive, .postcopyPaused, .postcopyRecover, .cancelling: true
+        default: false
+        }
+    }
+
+    /// After the switchover: the guest runs (or waits) on the destination.
+    public var isPostcopy: Bool { self == .postcopyActive || self == .postcopyPaused || self == .postcopyRecover }
 }

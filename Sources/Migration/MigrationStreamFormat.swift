@@ -52,6 +52,15 @@ public enum StreamRecordType: UInt8, Sendable, CaseIterable {
     case ping = 0x04
     /// u64 wall-clock ns when the source stopped its vCPUs. Optional.
     case sourceStopped = 0x05
+    /// Postcopy: pages the destination must drop because the guest wrote them after they were
+    /// sent: u32 count, count × (u64 offset, u64 length), page-aligned. Required.
+    case discard = 0x06
+    /// Postcopy: the device state is complete; start the vCPUs and fetch missing pages on
+    /// demand. u64 pages the destination now lacks (the discards' total), as a check. Required.
+    case postcopyRun = 0x07
+    /// The first record of a connection that resumes a paused postcopy, instead of the
+    /// configuration: u64 RAM size, u32 page size. Required.
+    case resume = 0x08
     /// u64 number of records before this one, as a check. Required, last.
     case end = 0x7e
 
@@ -62,6 +71,9 @@ public enum StreamRecordType: UInt8, Sendable, CaseIterable {
         case .passEnd: "PASS_END"
         case .ping: "PING"
         case .sourceStopped: "SOURCE_STOPPED"
+        case .discard: "DISCARD"
+        case .postcopyRun: "POSTCOPY_RUN"
+        case .resume: "RESUME"
         case .end: "END"
         }
     }

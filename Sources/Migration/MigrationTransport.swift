@@ -58,6 +58,12 @@ final class MigrationConnection: @unchecked Sendable {
         }
     }
 
+    /// Bytes in a socket's send queue that the peer has not yet taken (0 for other descriptors).
+    var sendQueueBytes: Int32 {
+        var queued: Int32 = 0
+        return ioctl(descriptor, UInt(0x5411) /* SIOCOUTQ */, &queued) == 0 ? queued : 0
+    }
+
     /// Unblocks a read or write stuck on a dead or slow peer (used by migrate_cancel).
     func shutdownIO() {
         Foundation.shutdown(descriptor, Int32(SHUT_RDWR))

@@ -13,17 +13,19 @@ import Machine
 /// before that confirmation restarts the source guest.
 final class OutgoingMigration: @unchecked Sendable {
     // Sendable: run entirely on its own thread; shared results go through the controller.
-    private let machine: Machine
-    private let controller: MigrationController
-    private let connection: MigrationConnection
-    private let writer: MigrationStreamWriter
-    private let plan: MigrationPlan
-    private var sections: [OutgoingLiveSection] = []
-    private var observers: [PassObserver] = []
+    let machine: Machine
+    let controller: MigrationController
+    var connection: MigrationConnection
+    var writer: MigrationStreamWriter
+    let plan: MigrationPlan
+    var sections: [OutgoingLiveSection] = []
+    var observers: [PassObserver] = []
     private var autoConverge: AutoConverge?
-    private var returnPath: ReturnPathListener?
-    private var stats = MigrationStatistics()
+    var returnPath: ReturnPathListener?
+    var stats = MigrationStatistics()
     private var policy = ConvergencePolicy()
+    /// Bytes written on connections that postcopy recovery has replaced.
+    var bytesOnEarlierConnections: UInt64 = 0
     /// How long the source waits at the end for the destination's verdict.
     static let verdictTimeoutSeconds = 30.0
 
@@ -90,7 +92,7 @@ final class OutgoingMigration: @unchecked Sendable {
             returnPath: hasReturnPath)
         writer.record(.configuration, required: true) { configuration.encode(into: $0) }
         if hasReturnPath {
-            let listener = ReturnPathListener(descriptor: connection.descriptor, log: controller.log)
+            let listener = ReturnPathListener(descriptor: connection.descriptor, ramSize: machine.memory.size, log: controller.log)
             listener.start()
             returnPath = listener
             writer.record(.ping, required: false) { $0.append(UInt32(1)) }
@@ -112,6 +114,15 @@ final class OutgoingMigration: @unchecked Sendable {
             if let refusal = returnPath?.earlyFailure {
                 throw LoopFailure(message: "the destination refused the migration: \(refusal)")
             }
+            if let bad = returnPath?.protocolError {
+                throw LoopFailure(message: "the destination sent a bad return-path message: \(bad)")
+            }
+            if plan.postcopy {
+                _ = returnPath?.takeRequests() // before the switchover every page is on its way anyway
+                if controller.postcopyRequested {
+                    return try runPostcopy()
+                }
+            }
             if !limiter.isExhausted(position: writer.position) {
                 var switchOver = false
                 if sections.allSatisfy(\.passComplete) {
@@ -125,6 +136,11 @@ final class OutgoingMigration: @unchecked Sendable {
                                                  downtimeLimitNanoseconds: controller.parameters.downtimeLimitNanoseconds)
                     }
                     switchOver = policy.shouldSwitchOver(pending: pending.total, passes: Int(stats.dirtySyncCount))
+                    if !switchOver && plan.postcopy && plan.postcopyAfterPasses > 0
+                        && stats.dirtySyncCount >= UInt64(plan.postcopyAfterPasses) {
+                        controller.log("pre-copy has not converged after \(stats.dirtySyncCount) passes: switching to postcopy")
+                        return try runPostcopy()
+                    }
                 }
                 if switchOver {
                     // Let the kernel's backlog reach the destination while the guest runs;
@@ -159,7 +175,7 @@ final class OutgoingMigration: @unchecked Sendable {
 
     private var pending: PendingBytes { sections.reduce(PendingBytes()) { $0 + $1.pending } }
 
-    private func windowClosedWith(_ window: (bytes: UInt64, milliseconds: UInt64)) {
+    func windowClosedWith(_ window: (bytes: UInt64, milliseconds: UInt64)) {
         let bandwidth = window.milliseconds > 0 ? window.bytes / window.milliseconds : 0 // bytes per ms
         policy.bandwidthMeasured(bytesPerMillisecond: bandwidth, downtimeLimitNanoseconds: controller.parameters.downtimeLimitNanoseconds)
         stats.mbps = window.milliseconds > 0 ? Double(window.bytes) * 8 / (Double(window.milliseconds) / 1000) / 1_000_000 : 0
@@ -245,16 +261,16 @@ final class OutgoingMigration: @unchecked Sendable {
         }
         let closeError = connection.close()
         let status = controller.status
-        if failure == nil && closeError == nil && status == .active && stats.downtime != nil {
+        if failure == nil && closeError == nil && (status == .active || status == .postcopyActive) && stats.downtime != nil {
             stats.totalTime = WallClock.milliseconds() - stats.startMilliseconds
             stats.remaining = 0
             stats.dirtyPagesRate = 0
             if let total = stats.totalTime, total > 0 {
-                stats.mbps = Double(writer.bytesWritten) * 8 / Double(total) / 1000
+                stats.mbps = Double(bytesOnEarlierConnections + writer.bytesWritten) * 8 / Double(total) / 1000
             }
             machine.setStoppedState(.postmigrate)
             flushStatistics()
-            _ = controller.transition(from: .active, to: .completed)
+            _ = controller.transition(from: status, to: .completed)
             return
         }
         if let wasRunning {
@@ -271,8 +287,8 @@ final class OutgoingMigration: @unchecked Sendable {
         }
     }
 
-    private func flushStatistics() {
-        stats.transferred = writer.position
+    func flushStatistics() {
+        stats.transferred = bytesOnEarlierConnections + writer.position
         if stats.downtime == nil { sections.forEach { $0.report(into: &stats) } } // frozen once complete
         stats.cpuThrottlePercentage = autoConverge?.throttle ?? 0
         stats.cpuThrottleMaximum = autoConverge?.maximumReached ?? 0

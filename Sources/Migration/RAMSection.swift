@@ -13,7 +13,7 @@ struct RAMEncodingSettings {
 /// Guest RAM as a live section: a first pass over all of RAM (never-written RAM as zero runs,
 /// found with SEEK_HOLE without reading it), then passes over what the dirty log says the
 /// guest wrote since, each page through the encoder chain (zero, XBZRLE, compressed, raw).
-final class OutgoingRAMSection: OutgoingLiveSection {
+final class OutgoingRAMSection: PostcopyLiveSection {
     let name = "ram"
     let version: UInt32 = 1
     private let memory: GuestMemory
@@ -28,7 +28,9 @@ final class OutgoingRAMSection: OutgoingLiveSection {
     private let xbzrle: XBZRLEPageEncoder?
     private let compressed: CompressedPageEncoder?
     private let raw = RawPageEncoder()
-    private let chain: [PageEncoder]
+    private var chain: [PageEncoder]
+    /// Every encoder this migration used, for the statistics (the chain shrinks in postcopy).
+    private let allEncoders: [PageEncoder]
     private let settings: RAMEncodingSettings
     private var dirtyPagesRate: UInt64 = 0
     private var pagesDirtiedSinceRateSync = 0
@@ -51,9 +53,10 @@ final class OutgoingRAMSection: OutgoingLiveSection {
         }
         compressed = settings.compression.map { CompressedPageEncoder(method: $0.method, level: $0.level, threads: $0.threads) }
         chain = [zero] + [xbzrle as PageEncoder?, compressed].compactMap { $0 } + [raw]
+        allEncoders = chain
     }
 
-    var encodings: [PageEncoding] { chain.map(\.encoding) }
+    var encodings: [PageEncoding] { allEncoders.map(\.encoding) }
 
     func setup(_ stream: SectionStream) throws(MigrationStreamError) {
         do { try tracker.start() } catch { throw MigrationStreamError("cannot start dirty page tracking: \(error)") }
@@ -135,10 +138,62 @@ final class OutgoingRAMSection: OutgoingLiveSection {
         }
     }
 
+    // MARK: postcopy
+
+    func beginPostcopy() throws(MigrationStreamError) -> [ReturnPathMessage.PageRun] {
+        _ = try beginPass()
+        // XBZRLE needs the old page and the destination is about to drop it; compression
+        // would work but its threads add latency to every request. (Every iterate ends
+        // flushed, so nothing is pending in the encoders left out.)
+        chain = [zero, raw]
+        return runs(of: bitmap)
+    }
+
+    private func runs(of bitmap: DirtyBitmap) -> [ReturnPathMessage.PageRun] {
+        var runs: [ReturnPathMessage.PageRun] = []
+        var page = 0
+        while let start = bitmap.nextSet(from: page) {
+            let end = bitmap.nextClear(from: start)
+            var first = start
+            while first < end { // a run's page count is a u32
+                let count = min(end - first, Int(UInt32.max))
+                runs.append(.init(offset: UInt64(first) * pageSize, pages: UInt32(count)))
+                first += count
+            }
+            page = end
+        }
+        return runs
+    }
+
+    func sendRequested(_ stream: SectionStream, offset: UInt64, length: UInt64) throws(MigrationStreamError) {
+        let first = Int(offset / pageSize)
+        let last = min(Int((offset + length) / pageSize), bitmap.pageCount)
+        for page in first..<last {
+            if bitmap.isSet(page) {
+                bitmap.clear(page)
+                remainingPages -= 1
+            }
+            encode(page, stream)
+        }
+        for encoder in chain.reversed() { encoder.flush(stream) }
+        if let error = stream.error { throw error }
+    }
+
+    func resume(lacking: [ReturnPathMessage.PageRun]) {
+        var fresh = DirtyBitmap(pageCount: bitmap.pageCount)
+        for run in lacking {
+            let first = Int(run.offset / pageSize)
+            for page in first..<min(first + Int(run.pages), fresh.pageCount) { fresh.set(page) }
+        }
+        bitmap = fresh
+        cursor = 0
+        remainingPages = bitmap.count
+    }
+
     func report(into statistics: inout MigrationStatistics) {
         statistics.normal = 0
         statistics.duplicate = 0
-        for encoder in chain { encoder.report(into: &statistics) }
+        for encoder in allEncoders { encoder.report(into: &statistics) }
         statistics.remaining = UInt64(remainingPages) * pageSize
         statistics.dirtyPagesRate = dirtyPagesRate
     }
@@ -206,15 +261,43 @@ final class IncomingRAMSection: IncomingLiveSection {
         }
     }
 
+    /// Set once postcopy has begun: pages then go in through userfaultfd.
+    var postcopy: PostcopyDestination?
+
     func load(_ body: ByteCursor) throws(MigrationStreamError) {
         let raw = try body.read(UInt8.self, "page encoding")
         guard let encoding = PageEncoding(rawValue: raw) else {
             throw MigrationStreamError("a RAM record in unknown page encoding 0x\(String(raw, radix: 16))")
+        }
+        if let postcopy {
+            try loadPostcopy(encoding, body, into: postcopy)
+            return
         }
         guard let decoder = decoders[encoding] else {
             throw MigrationStreamError("a RAM record in page encoding '\(encoding.name)', which the source did not announce")
         }
         let pages = try decoder.apply(body, to: memory)
         if encoding == .zero { zeroPagesLoaded += pages } else { pagesLoaded += pages }
+    }
+
+    /// A zero or raw run after the switchover, checked as in pre-copy, then installed whole.
+    private func loadPostcopy(_ encoding: PageEncoding, _ body: ByteCursor,
+                              into postcopy: PostcopyDestination) throws(MigrationStreamError) {
+        guard encoding == .zero || encoding == .raw else {
+            throw MigrationStreamError("a RAM record in page encoding '\(encoding.name)' during postcopy (only zero and raw may follow the switchover)")
+        }
+        let offset = try body.read(UInt64.self, "page run offset")
+        let count = UInt64(try body.read(UInt32.self, "page run count"))
+        _ = try guestPages(memory, offset: offset, count: count, encoding == .zero ? "zero run" : "page")
+        if encoding == .zero {
+            try body.finish("a zero run")
+            try postcopy.install(offset: offset, count: count, data: nil)
+            zeroPagesLoaded += count
+        } else {
+            let data = try body.take(Int(count * MigrationStreamFormat.pageSize), "page data")
+            try body.finish("a page run")
+            try postcopy.install(offset: offset, count: count, data: data.baseAddress!)
+            pagesLoaded += count
+        }
     }
 }

@@ -7,7 +7,7 @@ import Synchronization
 /// allows it (a socket: tcp, unix, or an fd that is one).
 ///
 /// Framing: u16 type, u16 length (at most `maximumLength`), body, u32 CRC32C of the four
-/// header bytes and the body. Postcopy's page requests will be further types.
+/// header bytes and the body. Postcopy adds page requests and the resume handshake.
 public enum ReturnPathMessage: Equatable, Sendable {
     /// The answer to a stream PING, with its value.
     case pong(UInt32)
@@ -15,14 +15,33 @@ public enum ReturnPathMessage: Equatable, Sendable {
     case loaded
     /// The destination refused or failed the load, with its reason.
     case failed(String)
+    /// Postcopy: a vCPU waits for these bytes of RAM (offset and length page-aligned).
+    case requestPages(offset: UInt64, length: UInt32)
+    /// Resuming postcopy: runs of pages the destination still lacks (offset, page count).
+    case lacking([PageRun])
+    /// Resuming postcopy: every LACKING has been sent; the total pages they name.
+    case resumeReady(UInt64)
+
+    /// A run of pages by RAM offset.
+    public struct PageRun: Equatable, Sendable {
+        public var offset: UInt64
+        public var pages: UInt32
+    }
 
     static let maximumLength = 1024
+    /// LACKING runs per message: u32 count + 12 bytes each within `maximumLength`.
+    static let maximumRunsPerMessage = (maximumLength - 4) / 12
+    /// The longest page request a source serves (a 2 MiB huge page).
+    static let maximumRequestLength: UInt32 = 2 << 20
 
     var typeCode: UInt16 {
         switch self {
         case .pong: 1
         case .loaded: 2
         case .failed: 3
+        case .requestPages: 4
+        case .lacking: 5
+        case .resumeReady: 6
         }
     }
 
@@ -33,6 +52,16 @@ public enum ReturnPathMessage: Equatable, Sendable {
         case let .pong(value): withUnsafeBytes(of: value.littleEndian) { body.append(contentsOf: $0) }
         case .loaded: break
         case let .failed(reason): body = Array(reason.utf8.prefix(Self.maximumLength))
+        case let .requestPages(offset, length):
+            withUnsafeBytes(of: offset.littleEndian) { body.append(contentsOf: $0) }
+            withUnsafeBytes(of: length.littleEndian) { body.append(contentsOf: $0) }
+        case let .lacking(runs):
+            withUnsafeBytes(of: UInt32(runs.count).littleEndian) { body.append(contentsOf: $0) }
+            for run in runs.prefix(Self.maximumRunsPerMessage) {
+                withUnsafeBytes(of: run.offset.littleEndian) { body.append(contentsOf: $0) }
+                withUnsafeBytes(of: run.pages.littleEndian) { body.append(contentsOf: $0) }
+            }
+        case let .resumeReady(total): withUnsafeBytes(of: total.littleEndian) { body.append(contentsOf: $0) }
         }
         var bytes: [UInt8] = []
         withUnsafeBytes(of: typeCode.littleEndian) { bytes.append(contentsOf: $0) }
@@ -50,22 +79,39 @@ public enum ReturnPathMessage: Equatable, Sendable {
         withUnsafeBytes(of: UInt16(body.count).littleEndian) { framed.append(contentsOf: $0) }
         framed += body
         guard framed.withUnsafeBytes({ cpage_crc32c(0, $0.baseAddress!, $0.count) }) == checksum else {
-            throw MigrationStreamError("a return-path message fails its checksum")
+            throw MigrationStreamError("RP: a message of type \(type) fails its checksum")
         }
+        func u32(_ at: Int) -> UInt32 { (0..<4).reduce(0) { $0 | UInt32(body[at + $1]) << (8 * $1) } }
+        func u64(_ at: Int) -> UInt64 { (0..<8).reduce(0) { $0 | UInt64(body[at + $1]) << (8 * $1) } }
         switch type {
         case 1:
             guard body.count == 4 else { throw MigrationStreamError("a return-path PONG of \(body.count) bytes") }
-            return .pong(UInt32(body[0]) | UInt32(body[1]) << 8 | UInt32(body[2]) << 16 | UInt32(body[3]) << 24)
+            return .pong(u32(0))
         case 2:
-            guard body.isEmpty else { throw MigrationStreamError("a return-path LOADED with \(body.count) bytes") }
+            guard body.isEmpty else { throw MigrationStreamError("RP: a LOADED message with incorrect length \(body.count) (expecting 0)") }
             return .loaded
         case 3:
             guard let reason = String(validating: body, as: UTF8.self) else {
-                throw MigrationStreamError("a return-path FAILED whose reason is not UTF-8")
+                throw MigrationStreamError("RP: a FAILED message whose reason is not UTF-8")
             }
             return .failed(reason)
+        case 4:
+            guard body.count == 12 else {
+                throw MigrationStreamError("RP: a REQ_PAGES message with incorrect length \(body.count) (expecting 12)")
+            }
+            return .requestPages(offset: u64(0), length: u32(8))
+        case 5:
+            guard body.count >= 4, body.count == 4 + 12 * Int(u32(0)) else {
+                throw MigrationStreamError("RP: a LACKING message with incorrect length \(body.count)")
+            }
+            return .lacking((0..<Int(u32(0))).map { PageRun(offset: u64(4 + 12 * $0), pages: u32(12 + 12 * $0)) })
+        case 6:
+            guard body.count == 8 else {
+                throw MigrationStreamError("RP: a RESUME_READY message with incorrect length \(body.count) (expecting 8)")
+            }
+            return .resumeReady(u64(0))
         default:
-            throw MigrationStreamError("unknown return-path message type \(type)")
+            throw MigrationStreamError("RP: unknown return-path message type \(type)")
         }
     }
 
@@ -74,7 +120,7 @@ public enum ReturnPathMessage: Equatable, Sendable {
         let type = try reader.read(UInt16.self)
         let length = Int(try reader.read(UInt16.self))
         guard length <= maximumLength else {
-            throw MigrationStreamError("a return-path message claims \(length) bytes (at most \(maximumLength))")
+            throw MigrationStreamError("RP: a message claims \(length) bytes (at most \(maximumLength))")
         }
         let body = try reader.readBytes(length)
         let checksum = try reader.read(UInt32.self)
@@ -87,103 +133,4 @@ func isSocket(_ descriptor: Int32) -> Bool {
     var type: Int32 = 0
     var length = socklen_t(MemoryLayout<Int32>.size)
     return getsockopt(descriptor, SOL_SOCKET, SO_TYPE, &type, &length) == 0
-}
-
-/// The source's end of the return path: a thread that reads the destination's messages and
-/// keeps what the migration thread needs to know (a PONG arrived, the final verdict).
-final class ReturnPathListener: @unchecked Sendable {
-    // Sendable: shared fields live in `state`, under its mutex.
-    struct State {
-        var pongs = 0
-        var verdict: ReturnPathMessage?
-        var closed = false
-        var error: String?
-    }
-    private let state = Mutex(State())
-    private let condition = NSCondition()
-    private let descriptor: Int32
-    private let log: @Sendable (String) -> Void
-
-    init(descriptor: Int32, log: @escaping @Sendable (String) -> Void) {
-        self.descriptor = descriptor
-        self.log = log
-    }
-
-    func start() {
-        let thread = Thread { [self] in run() }
-        thread.name = "return-path"
-        thread.start()
-    }
-
-    private func run() {
-        let reader = MigrationStreamReader(descriptor: descriptor)
-        while true {
-            do {
-                let message = try ReturnPathMessage.read(from: reader)
-                switch message {
-                case .pong: state.withLock { $0.pongs += 1 }
-                case .loaded, .failed:
-                    state.withLock { $0.verdict = message }
-                    signal()
-                }
-            } catch {
-                // EOF is how a destination ends the return path; anything else is a bad peer.
-                let ended = error.message.contains("ended early")
-                if !ended { log("return path: \(error.message)") }
-                state.withLock { $0.closed = true; if !ended { $0.error = error.message } }
-                signal()
-                return
-            }
-        }
-    }
-
-    private func signal() {
-        condition.lock()
-        condition.broadcast()
-        condition.unlock()
-    }
-
-    /// Waits until the reading thread has ended (after the caller shut the socket down), so the
-    /// descriptor can be closed without a reader still on it.
-    func waitUntilClosed() {
-        condition.lock()
-        defer { condition.unlock() }
-        while !state.withLock({ $0.closed }) { _ = condition.wait(until: Date().addingTimeInterval(0.1)) }
-    }
-
-    /// Whether the destination has answered a PING, i.e. it speaks the return path.
-    var isAlive: Bool { state.withLock { $0.pongs > 0 } }
-
-    /// A FAILED verdict that arrived during the migration (a destination refusing the stream).
-    var earlyFailure: String? {
-        state.withLock { if case let .failed(reason)? = $0.verdict { return reason } else { return nil } }
-    }
-
-    /// Waits up to `seconds` for the verdict; nil if none came (closed or timed out).
-    func waitForVerdict(seconds: Double) -> ReturnPathMessage? {
-        let deadline = Date().addingTimeInterval(seconds)
-        condition.lock()
-        defer { condition.unlock() }
-        while true {
-            let snapshot = state.withLock { ($0.verdict, $0.closed) }
-            if let verdict = snapshot.0 { return verdict }
-            if snapshot.1 { return nil }
-            if !condition.wait(until: deadline) { return state.withLock { $0.verdict } }
-        }
-    }
-}
-
-/// The destination's end: writes messages on the incoming connection.
-struct ReturnPathSender {
-    let descriptor: Int32
-
-    func send(_ message: ReturnPathMessage) {
-        let bytes = message.encoded()
-        var offset = 0
-        while offset < bytes.count {
-            let n = bytes.withUnsafeBytes { csocket_send(descriptor, $0.baseAddress! + offset, $0.count - offset, -1) }
-            guard n > 0 else { return } // the source has gone; nothing more to tell it
-            offset += n
-        }
-    }
 }

@@ -121,6 +121,12 @@ struct StreamConfiguration: Equatable {
                 return "capability '\(name)' is on here but the source does not use it (set it on both sides or neither)"
             }
         }
+        // Postcopy needs the destination's consent (it registers userfaultfd and answers page
+        // requests); a destination ready for postcopy takes a pre-copy stream as well.
+        let postcopy = MigrationCapability.postcopyRAM.rawValue
+        if capabilities.contains(postcopy) && !localCapabilities.contains(postcopy) {
+            return "the source uses capability '\(postcopy)' but it is off here (set it with migrate-set-capabilities before migrate-incoming)"
+        }
         return nil
     }
 }

@@ -6,13 +6,27 @@ extension QMPStandardCommands {
     static func migrationCommands(_ migration: MigrationController) -> [QMPCommand] {
         [
             QMPCommand("migrate", arguments: [.required("uri", .string), .optional("blk", .boolean),
-                                              .optional("inc", .boolean), .optional("detach", .boolean)]) { call throws(QMPError) in
+                                              .optional("inc", .boolean), .optional("detach", .boolean),
+                                              .optional("resume", .boolean)]) { call throws(QMPError) in
                 // blk and inc ask for disk copies; tern's machines have no disk, so nothing is added.
-                do throws(MigrationError) { try migration.migrate(uri: call.arguments.string("uri")!) } catch { throw .generic(error.message) }
+                let resume = call.arguments["resume"]?.boolValue ?? false
+                do throws(MigrationError) { try migration.migrate(uri: call.arguments.string("uri")!, resume: resume) } catch { throw .generic(error.message) }
                 return .object([:])
             },
             QMPCommand("migrate_cancel") { _ throws(QMPError) in
-                migration.cancel()
+                do throws(MigrationError) { try migration.cancel() } catch { throw .generic(error.message) }
+                return .object([:])
+            },
+            QMPCommand("migrate-start-postcopy") { _ throws(QMPError) in
+                do throws(MigrationError) { try migration.startPostcopy() } catch { throw .generic(error.message) }
+                return .object([:])
+            },
+            QMPCommand("migrate-recover", arguments: [.required("uri", .string)]) { call throws(QMPError) in
+                do throws(MigrationError) { try migration.recover(uri: call.arguments.string("uri")!) } catch { throw .generic(error.message) }
+                return .object([:])
+            },
+            QMPCommand("migrate-pause") { _ throws(QMPError) in
+                do throws(MigrationError) { try migration.pausePostcopy() } catch { throw .generic(error.message) }
                 return .object([:])
             },
             QMPCommand("migrate-incoming", arguments: [.required("uri", .string)]) { call throws(QMPError) in
@@ -105,14 +119,20 @@ extension QMPStandardCommands {
             let incoming = migration.incomingStatistics
             var info: JSONObject = ["status": .string(incoming.status.rawValue)]
             if let downtime = incoming.guestDowntime { info["x-guest-downtime"] = .int(Int64(downtime)) }
-            if incoming.status == .active || incoming.status == .completed {
+            if let faults = incoming.postcopyFaults {
+                info["x-postcopy-faults"] = [
+                    "count": .int(Int64(clamping: faults.count)), "p50-us": .int(Int64(clamping: faults.p50Microseconds)),
+                    "p99-us": .int(Int64(clamping: faults.p99Microseconds)), "max-us": .int(Int64(clamping: faults.maxMicroseconds)),
+                ]
+            }
+            if incoming.status == .active || incoming.status == .completed || incoming.status.isPostcopy {
                 info["x-bytes-read"] = .int(Int64(incoming.bytesRead))
             }
             if let error = incoming.errorDescription { info["error-desc"] = .string(error) }
             return .object(info)
         }
         var info: JSONObject = ["status": .string(stats.status.rawValue)]
-        let ram: JSONValue = [
+        var ram: JSONObject = [
             "transferred": .int(Int64(stats.transferred)),
             "remaining": .int(Int64(stats.remaining)),
             "total": .int(Int64(stats.total)),
@@ -124,15 +144,20 @@ extension QMPStandardCommands {
             "mbps": .double(stats.mbps),
             "dirty-sync-count": .int(Int64(stats.dirtySyncCount)),
         ]
+        if stats.enteredPostcopy || migration.capability(.postcopyRAM) {
+            ram["postcopy-requests"] = .int(Int64(clamping: stats.postcopyRequests))
+        }
         // The capability's state at query time decides, as in QEMU.
         let xbzrle: JSONValue? = migration.capability(.xbzrle) ? xbzrleInfo(stats.xbzrle, cacheSize: migration.xbzrleCacheSize) : nil
         let compression: JSONValue? = migration.capability(.compress) ? compressionInfo(stats.compression) : nil
         switch stats.status {
-        case .active, .cancelling, .postcopyActive:
+        case .active, .cancelling, .postcopyActive, .postcopyPaused, .postcopyRecover:
             info["total-time"] = .int(Int64(WallClock.now - stats.startMilliseconds))
             info["expected-downtime"] = .int(Int64(stats.expectedDowntime ?? 0))
             info["setup-time"] = .int(Int64(stats.setupTime ?? 0))
-            info["ram"] = ram
+            if stats.status.isPostcopy, let downtime = stats.downtime { info["downtime"] = .int(Int64(downtime)) }
+            if stats.status == .postcopyPaused, let error = stats.errorDescription { info["error-desc"] = .string(error) }
+            info["ram"] = .object(ram)
             if let xbzrle { info["xbzrle-cache"] = xbzrle }
             if let compression { info["compression"] = compression }
             if stats.cpuThrottlePercentage > 0 && stats.status != .postcopyActive {
@@ -144,7 +169,7 @@ extension QMPStandardCommands {
             info["total-time"] = .int(Int64(stats.totalTime ?? 0))
             info["downtime"] = .int(Int64(stats.downtime ?? 0))
             info["setup-time"] = .int(Int64(stats.setupTime ?? 0))
-            info["ram"] = ram
+            info["ram"] = .object(ram)
             if let xbzrle { info["xbzrle-cache"] = xbzrle }
             if let compression { info["compression"] = compression }
             if stats.cpuThrottleMaximum > 0 { info["x-cpu-throttle-maximum"] = .int(Int64(stats.cpuThrottleMaximum)) }

@@ -27,4 +27,34 @@ int cguest_is_zero(const void *pointer, size_t length);
 /// that are zero are not dirtied (or allocated). `length` is a multiple of `page_size`.
 void cguest_zero_pages(void *pointer, size_t length, size_t page_size);
 
+/// userfaultfd(O_CLOEXEC | O_NONBLOCK) with the API handshake, asking for missing-page faults
+/// on shared memory. Falls back to /dev/userfaultfd where the syscall is restricted. Returns
+/// the descriptor or -errno (-ENOTSUP when the kernel lacks shared-memory missing faults).
+int cguest_uffd_open(void);
+
+/// Registers [address, address + length) for missing-page faults. Returns 0 or -errno;
+/// -ENOTSUP if the range cannot take UFFDIO_COPY and UFFDIO_ZEROPAGE.
+int cguest_uffd_register(int uffd, void *address, uint64_t length);
+
+/// Unregisters the range; threads still waiting in it are woken and retry.
+int cguest_uffd_unregister(int uffd, void *address, uint64_t length);
+
+/// Installs `length` bytes from `source` at `address` atomically and wakes its waiters.
+/// Returns 0, -EEXIST when a page of the range is already present, or -errno.
+int cguest_uffd_copy(int uffd, void *address, const void *source, uint64_t length);
+
+/// Installs zero pages at `address` and wakes its waiters; 0, -EEXIST or -errno.
+int cguest_uffd_zeropage(int uffd, void *address, uint64_t length);
+
+/// Wakes threads waiting on a range that someone else already filled.
+int cguest_uffd_wake(int uffd, void *address, uint64_t length);
+
+/// Reads up to `capacity` fault addresses (page faults only; other events are skipped) into
+/// `addresses`. Returns the count, 0 when none is pending, or -errno.
+int cguest_uffd_read_faults(int uffd, uint64_t *addresses, int capacity);
+
+/// poll() on the fault descriptor and a wake-up descriptor; returns 1 if faults are pending,
+/// 2 if the wake-up descriptor is readable, 0 on timeout, -errno on error.
+int cguest_uffd_poll(int uffd, int wake, int timeout_ms);
+
 #endif

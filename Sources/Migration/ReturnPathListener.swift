@@ -1,0 +1,190 @@
+import CSocket
+import Foundation
+import Synchronization
+
+/// The source's end of the return path: a thread that reads the destination's messages and
+/// keeps what the migration thread needs (a PONG arrived, the verdict, page requests, the
+/// resume handshake). Every message is checked before it is kept: a page request must be
+/// page-aligned, at most `maximumRequestLength` and inside guest RAM; anything else ends the
+/// return path with the reason (QEMU's "mark_source_rp_bad"), and the source never crashes.
+final class ReturnPathListener: @unchecked Sendable {
+    // Sendable: shared fields live in `state`, under its mutex.
+    struct State {
+        var pongs = 0
+        var verdict: ReturnPathMessage?
+        var closed = false
+        var error: String?
+        var requests: [(offset: UInt64, length: UInt32)] = []
+        var lacking: [ReturnPathMessage.PageRun] = []
+        var resumeReady: UInt64?
+    }
+    private let state = Mutex(State())
+    private let condition = NSCondition()
+    private let descriptor: Int32
+    private let ramSize: UInt64
+    private let log: @Sendable (String) -> Void
+
+    init(descriptor: Int32, ramSize: UInt64, log: @escaping @Sendable (String) -> Void) {
+        self.descriptor = descriptor
+        self.ramSize = ramSize
+        self.log = log
+    }
+
+    func start() {
+        let thread = Thread { [self] in run() }
+        thread.name = "return-path"
+        thread.start()
+    }
+
+    private func run() {
+        let reader = MigrationStreamReader(descriptor: descriptor)
+        while true {
+            do {
+                let message = try ReturnPathMessage.read(from: reader)
+                try accept(message)
+            } catch {
+                // EOF is how a destination ends the return path; anything else is a bad peer.
+                let ended = error.message.contains("ended early")
+                if !ended { log("return path: \(error.message)") }
+                state.withLock { $0.closed = true; if !ended { $0.error = error.message } }
+                signal()
+                return
+            }
+        }
+    }
+
+    private func accept(_ message: ReturnPathMessage) throws(MigrationStreamError) {
+        switch message {
+        case .pong:
+            state.withLock { $0.pongs += 1 }
+        case .loaded, .failed:
+            state.withLock { $0.verdict = message }
+        case let .requestPages(offset, length):
+            try check(offset: offset, length: length)
+            state.withLock { $0.requests.append((offset, length)) }
+        case let .lacking(runs):
+            for run in runs {
+                let (bytes, overflow) = UInt64(run.pages).multipliedReportingOverflow(by: MigrationStreamFormat.pageSize)
+                guard !overflow, run.pages > 0, run.offset % MigrationStreamFormat.pageSize == 0,
+                      run.offset <= ramSize, bytes <= ramSize - run.offset else {
+                    throw MigrationStreamError("RP: a LACKING run at 0x\(String(run.offset, radix: 16)) of \(run.pages) pages lies outside guest RAM")
+                }
+            }
+            state.withLock { $0.lacking += runs }
+        case let .resumeReady(total):
+            state.withLock { $0.resumeReady = total }
+        }
+        signal()
+    }
+
+    /// QEMU's checks on a page request, with its text for a misaligned one.
+    private func check(offset: UInt64, length: UInt32) throws(MigrationStreamError) {
+        let pageSize = MigrationStreamFormat.pageSize
+        guard offset % pageSize == 0, UInt64(length) % pageSize == 0 else {
+            throw MigrationStreamError("RP: Misaligned page request, start: 0x\(String(offset, radix: 16)) len: \(length)")
+        }
+        guard length > 0, length <= ReturnPathMessage.maximumRequestLength else {
+            throw MigrationStreamError("RP: a page request of \(length) bytes is too long (at most \(ReturnPathMessage.maximumRequestLength))")
+        }
+        guard offset < ramSize, UInt64(length) <= ramSize - offset else {
+            throw MigrationStreamError("RP: a page request at 0x\(String(offset, radix: 16)) (\(length) bytes) lies outside guest RAM (\(ramSize >> 20) MiB)")
+        }
+    }
+
+    private func signal() {
+        condition.lock()
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    /// Waits until the reading thread has ended (after the caller shut the socket down), so the
+    /// descriptor can be closed without a reader still on it.
+    func waitUntilClosed() {
+        condition.lock()
+        defer { condition.unlock() }
+        while !state.withLock({ $0.closed }) { _ = condition.wait(until: Date().addingTimeInterval(0.1)) }
+    }
+
+    /// Whether the destination has answered a PING, i.e. it speaks the return path.
+    var isAlive: Bool { state.withLock { $0.pongs > 0 } }
+
+    /// Whether the return path has ended (the peer closed it, or sent something bad).
+    var isClosed: Bool { state.withLock { $0.closed } }
+
+    /// Why the return path ended, when the peer broke the protocol.
+    var protocolError: String? { state.withLock { $0.error } }
+
+    /// A FAILED verdict that arrived during the migration (a destination refusing the stream).
+    var earlyFailure: String? {
+        state.withLock { if case let .failed(reason)? = $0.verdict { return reason } else { return nil } }
+    }
+
+    /// Takes the page requests that arrived since the last call, oldest first.
+    func takeRequests() -> [(offset: UInt64, length: UInt32)] {
+        state.withLock { state in
+            defer { state.requests.removeAll(keepingCapacity: true) }
+            return state.requests
+        }
+    }
+
+    /// Sleeps until a message arrives, the path closes, or `seconds` pass.
+    func waitForMessage(seconds: Double) {
+        condition.lock()
+        defer { condition.unlock() }
+        let pending = state.withLock { !$0.requests.isEmpty || $0.closed || $0.verdict != nil }
+        if !pending { _ = condition.wait(until: Date().addingTimeInterval(seconds)) }
+    }
+
+    /// Resuming postcopy: waits for RESUME_READY and returns the runs the destination lacks
+    /// (nil if the path closed or `seconds` passed first, or the runs do not add up).
+    func waitForLacking(seconds: Double) -> [ReturnPathMessage.PageRun]? {
+        let deadline = Date().addingTimeInterval(seconds)
+        condition.lock()
+        defer { condition.unlock() }
+        while true {
+            let snapshot = state.withLock { ($0.resumeReady, $0.closed, $0.lacking) }
+            if let total = snapshot.0 {
+                return snapshot.2.reduce(0) { $0 + UInt64($1.pages) } == total ? snapshot.2 : nil
+            }
+            if snapshot.1 { return nil }
+            if !condition.wait(until: deadline) { return nil }
+        }
+    }
+
+    /// Waits up to `seconds` for the verdict; nil if none came (closed or timed out).
+    func waitForVerdict(seconds: Double) -> ReturnPathMessage? {
+        let deadline = Date().addingTimeInterval(seconds)
+        condition.lock()
+        defer { condition.unlock() }
+        while true {
+            let snapshot = state.withLock { ($0.verdict, $0.closed) }
+            if let verdict = snapshot.0 { return verdict }
+            if snapshot.1 { return nil }
+            if !condition.wait(until: deadline) { return state.withLock { $0.verdict } }
+        }
+    }
+}
+
+/// The destination's end: writes messages on the incoming connection. The stream reader and
+/// postcopy's fault thread both send, so whole messages go out under a lock.
+final class ReturnPathSender: Sendable {
+    let descriptor: Int32
+    private let lock = Mutex(())
+
+    init(descriptor: Int32) { self.descriptor = descriptor }
+
+    /// Sends one message; false if the source has gone.
+    @discardableResult
+    func send(_ message: ReturnPathMessage) -> Bool {
+        let bytes = message.encoded()
+        return lock.withLock { _ in
+            var offset = 0
+            while offset < bytes.count {
+                let n = bytes.withUnsafeBytes { csocket_send(descriptor, $0.baseAddress! + offset, $0.count - offset, -1) }
+                guard n > 0 else { return false }
+                offset += n
+            }
+            return true
+        }
+    }
+}
