@@ -784,3 +784,97 @@ def to_version1(data) -> bytes:
         elif record.kind == SOURCE_STOPPED:
             writer.source_stopped(record.values["nanoseconds"])
     return writer.end()
+
+
+# ----- the return path, and following a stream as it arrives (tests that play the destination) --
+#
+# ReturnPath.swift: each message is u16 type, u16 body length (at most 1024), the body, and a u32
+# CRC32C of the four header bytes and the body; all little-endian.
+
+RP_PONG, RP_LOADED, RP_FAILED, RP_REQ_PAGES, RP_LACKING, RP_RESUME_READY = 1, 2, 3, 4, 5, 6
+
+
+def return_path_message(kind: int, body: bytes = b"", *, bad_checksum: bool = False) -> bytes:
+    """One return-path message as a destination frames it; with `bad_checksum`, its CRC32C is
+    off by one bit."""
+    framed = struct.pack("<HH", kind, len(body)) + bytes(body)
+    crc = crc32c(framed) ^ (1 if bad_checksum else 0)
+    return framed + struct.pack("<I", crc)
+
+
+def request_pages(offset: int, length: int, *, bad_checksum: bool = False) -> bytes:
+    """A REQ_PAGES message: u64 RAM offset, u32 length in bytes."""
+    return return_path_message(RP_REQ_PAGES, struct.pack("<QI", offset, length), bad_checksum=bad_checksum)
+
+
+class StreamFollower:
+    """Follows a version 2 stream as it arrives, in pieces of any size, record by record, without
+    keeping page data: counts the records of each type (`counts`) and calls
+    `on_record(type, body)` for the types in `keep` (the body without its CRC). `ended` once the
+    END record is in; `error` says why it stopped following (not a version 2 tern stream, or a
+    record longer than any tern writes)."""
+
+    def __init__(self, on_record: Optional[Callable[[int, bytes], None]] = None, keep: Iterable[int] = (PING, END)):
+        self.on_record = on_record
+        self.keep = set(keep)
+        self.counts: dict[int, int] = {}
+        self.bytes = 0
+        self.version: Optional[int] = None
+        self.ended = False
+        self.error: Optional[str] = None
+        self._buffer = bytearray()
+        self._need = HEADER  # bytes to gather in _buffer before the next step
+        self._skip = 0  # bytes of a record nobody keeps, still to pass over
+        self._kind: Optional[int] = None  # the kept record whose body is being gathered
+        self._length = 0
+
+    def feed(self, data) -> None:
+        view = memoryview(data)
+        self.bytes += len(view)
+        while len(view) and not self.ended and self.error is None:
+            if self._skip:
+                taken = min(self._skip, len(view))
+                self._skip -= taken
+                view = view[taken:]
+                continue
+            taken = min(self._need - len(self._buffer), len(view))
+            self._buffer += view[:taken]
+            view = view[taken:]
+            if len(self._buffer) == self._need:
+                self._advance()
+
+    def _advance(self) -> None:
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        if self.version is None:
+            if data[:8] != MAGIC:
+                self.error = f"not a tern stream: {data!r}"
+                return
+            self.version = struct.unpack_from("<I", data, 8)[0]
+            if self.version != 2:
+                self.error = f"stream version {self.version}, not 2"
+            self._need = RECORD_HEADER
+            return
+        if self._kind is None:
+            kind, flags, _, length = struct.unpack("<BBHI", data)
+            if length > MAXIMUM_BODY:
+                self.error = f"record 0x{kind:02x} claims {length} bytes"
+                return
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+            rest = length + (4 if flags & CHECKSUM else 0)
+            if kind in self.keep:
+                self._kind, self._length, self._need = kind, length, rest
+                if rest == 0:
+                    self._finish(b"")
+            else:
+                self._skip, self._need = rest, RECORD_HEADER
+            return
+        self._finish(data[:self._length])
+
+    def _finish(self, body: bytes) -> None:
+        kind = self._kind
+        self._kind, self._need = None, RECORD_HEADER
+        if kind == END:
+            self.ended = True
+        if self.on_record is not None:
+            self.on_record(kind, body)

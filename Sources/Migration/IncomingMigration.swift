@@ -186,6 +186,7 @@ final class IncomingMigration {
             guard total == UInt64(destination.lackingCount) else {
                 throw MigrationStreamError("the source will send \(total) pages after the switchover, but \(destination.lackingCount) were dropped here")
             }
+            limitReceiveQueue(descriptor)
             destination.startFaultThread() // before the device state, in case loading it touches RAM
             try devices!.finish()
             postcopyRunning = true
@@ -213,6 +214,15 @@ final class IncomingMigration {
         }
         return nil
     }
+
+    /// After the switchover a requested page queues behind whatever background pages the
+    /// socket holds: a short receive queue keeps that wait short.
+    private func limitReceiveQueue(_ socket: Int32) {
+        var bytes: Int32 = Int32(IncomingMigration.postcopyReceiveBuffer)
+        _ = setsockopt(socket, SOL_SOCKET, SO_RCVBUF, &bytes, socklen_t(MemoryLayout<Int32>.size))
+    }
+
+    static let postcopyReceiveBuffer = 64 << 10
 
     /// DISCARD's body: u32 count, count × (u64 offset, u64 length).
     static func decodeDiscard(_ body: ByteCursor) throws(MigrationStreamError) -> [ReturnPathMessage.PageRun] {
@@ -284,6 +294,7 @@ final class IncomingMigration {
         guard ramSize == target.memory.size, UInt64(pageSize) == MigrationStreamFormat.pageSize else {
             throw MigrationStreamError("the resuming source has \(ramSize >> 20) MiB of RAM in \(pageSize)-byte pages; this guest has \(target.memory.size >> 20) MiB")
         }
+        limitReceiveQueue(fresh)
         let sender = ReturnPathSender(descriptor: fresh)
         returnPath = sender
         postcopy.reconnected(sender)

@@ -10,9 +10,9 @@ import Machine
 /// destination still lacks.
 extension OutgoingMigration {
     /// How much unsent background data may sit in the socket before a request (bytes).
-    static let postcopySendQueueLimit: Int32 = 256 << 10
+    static let postcopySendQueueLimit: Int32 = 64 << 10
     /// The most background data written between two looks at the request queue.
-    static let postcopyBackgroundChunk: UInt64 = 256 << 10
+    static let postcopyBackgroundChunk: UInt64 = 64 << 10
     /// DISCARD runs per record (16 bytes each, within the record size limit).
     static let discardRunsPerRecord = 65_536
 

@@ -169,7 +169,8 @@ final class OutgoingRAMSection: PostcopyLiveSection {
         let first = Int(offset / pageSize)
         let last = min(Int((offset + length) / pageSize), bitmap.pageCount)
         for page in first..<last {
-            if bitmap.isSet(page) {
+            // Bits behind the cursor stay set but were sent: only pages ahead of it still count.
+            if page >= cursor && bitmap.isSet(page) {
                 bitmap.clear(page)
                 remainingPages -= 1
             }
