@@ -387,7 +387,8 @@ async def test_auto_converge_completes(launch):
 @pytest.mark.parametrize("ending", ["cancel", "destination-dies"])
 @asynctest
 async def test_auto_converge_cancel_restores_speed(launch, ending):
-    """Throttled (cpu-throttle-initial 99, so the guest visibly slows), then cancelled, or
+    """Throttled (cpu-throttle-initial 90, so the guest visibly slows but still prints its pass
+    lines at a readable pace: at 99 one line took over 10 s), then cancelled, or
     failed because the destination died: the throttle goes with the migration (no throttle
     member in query-migrate) and the source's guest dirties at its full rate again."""
     uri = tcp_uri()
@@ -398,7 +399,7 @@ async def test_auto_converge_cancel_restores_speed(launch, ending):
         info = await run_migration(s, src, uri, bandwidth=AUTO_CONVERGE_BANDWIDTH, capabilities=["auto-converge"],
                                    # downtime-limit 0: even throttled, the migration must not
                                    # converge before this test cancels it (it did once in CI).
-                                   parameters={"cpu-throttle-initial": 99, "downtime-limit": 0}, timeout=25,
+                                   parameters={"cpu-throttle-initial": 90, "downtime-limit": 0}, timeout=25,
                                    wanted=("active",))
         deadline = time.monotonic() + 25
         while "cpu-throttle-percentage" not in info:
@@ -407,7 +408,7 @@ async def test_auto_converge_cancel_restores_speed(launch, ending):
             await asyncio.sleep(0.2)
             info = await execute(s, "query-migrate")
         check_throttle_members(info)
-        assert info["cpu-throttle-percentage"] == 99, f"cpu-throttle-initial 99 is the first step: {info}"
+        assert info["cpu-throttle-percentage"] >= 90, f"cpu-throttle-initial 90 is the least first step: {info}"
         # The guest slows down: a pass line well below its rate.
         before = len(rates(src))
         await src.until(lambda: any(r < AUTO_CONVERGE_RATE / 2 for r in rates(src)[before:]),

@@ -18,7 +18,8 @@ capability rules; cancel before the switch and its refusal after; a link cut dur
 running and a paused destination; a source killed during postcopy; and hostile return-path
 messages from a fake destination (this test plays it: it drains the stream and writes crafted
 messages back on the same socket), each of which must fail the migration with its reason while
-the source's guest runs on.
+the source's guest runs on; and a fake destination that stops reading once postcopy has started,
+which must not wedge the source (QMP answers, migrate-pause breaks the link).
 
 Skipped, loudly, without /dev/kvm or the tern binary (TERN_BINARY, default .build/debug/tern).
 """
@@ -27,11 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import shutil
 import socket
 import struct
 import tempfile
+import termios
 import threading
 import time
 from typing import Callable, Optional
@@ -847,3 +850,89 @@ async def test_valid_page_request_before_switchover(launch):
             await wait_status(s, src, "postmigrate")
     finally:
         fake.close()
+
+
+# ----- a stalled destination -----------------------------------------------------------------
+
+#: The record that closes the switchover package (MigrationStreamFormat.swift): once it is in,
+#: the destination runs the guest.
+POSTCOPY_RUN = 0x07
+
+
+class StalledDestination(FakeDestination):
+    """A fake destination that stops reading once the POSTCOPY_RUN record is in, and keeps the
+    socket open: its thread waits in the record callback until close(). The guest is then the
+    destination's, and whatever the source sends after it piles up unread in the socket."""
+
+    def __init__(self, transport: str = "tcp"):
+        super().__init__(transport)
+        self.stalled = threading.Event()
+        self.release = threading.Event()
+        # Nothing arrives before the test migrates, so the follower is replaced in time.
+        self.follower = StreamFollower(self._record, keep=(PING, END, POSTCOPY_RUN))
+
+    def _record(self, kind: int, body: bytes) -> None:
+        if kind == POSTCOPY_RUN and not self.stalled.is_set():
+            self.stalled.set()
+            self.release.wait(timeout=60)
+            return
+        super()._record(kind, body)
+
+    def unread(self) -> int:
+        """Bytes the source has sent that wait, unread, in the fake's socket."""
+        assert self.connection is not None, "no source has connected"
+        return struct.unpack("i", fcntl.ioctl(self.connection.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+    def close(self) -> None:
+        self.release.set()
+        super().close()
+
+
+@asynctest
+async def test_stalled_destination_does_not_wedge_the_source(launch):
+    """A destination that stops reading once postcopy has started (the socket stays open, nothing
+    comes back) blocks the source's sends, but must not wedge the source: QMP answers at once,
+    migrate_cancel is refused (the guest runs on the destination), and migrate-pause breaks the
+    link, so the source goes postcopy-paused with its reason, stays alive, and does not run the
+    guest again."""
+    src = launch("src", memory=POSTCOPY_MEMORY, append=FAKE_APPEND)
+    fake = StalledDestination()
+    try:
+        async with session(src) as s:
+            assert await execute(s, "migrate-set-parameters", {"max-postcopy-bandwidth": 0}) == {}
+            await migrate_to_fake(s, src, fake)
+            await wait_passes_done(s, src, 1)
+            assert await execute(s, "migrate-start-postcopy") == {}
+            await fake.until(fake.stalled.is_set, "POSTCOPY_RUN record", timeout=20)
+            await wait_migration(s, src, wanted=("postcopy-active",), timeout=10)
+            await fake.until(lambda: fake.unread() >= 64 * 1024, "backlog of unread pages from the source")
+            for _ in range(5):
+                try:
+                    info = await execute(s, "query-migrate", timeout=1)
+                except asyncio.TimeoutError:
+                    raise AssertionError("query-migrate went unanswered for 1 s while the source's sends to a "
+                                         f"stalled destination block ({fake.unread()} bytes unread)"
+                                         + src.diagnostics()) from None
+                assert info.get("status") == "postcopy-active", \
+                    f"the source left postcopy-active with its destination stalled: {info}" + src.diagnostics()
+                await asyncio.sleep(0.2)
+            run = await status(s)
+            assert run != "running", f"the guest runs on the source after postcopy started ({run})" + src.diagnostics()
+            await execute_error(s, "migrate_cancel", desc=NO_CANCEL)
+            assert (await execute(s, "query-migrate"))["status"] == "postcopy-active", "the refused cancel changed the status"
+            assert await execute(s, "migrate-pause") == {}
+            try:
+                paused = await wait_migration(s, src, wanted=("postcopy-paused",), timeout=5)
+            except AssertionError as error:
+                raise AssertionError(f"migrate-pause did not break the link to the stalled destination: {error}") from None
+            desc = paused.get("error-desc")
+            assert isinstance(desc, str) and desc, f"the source's postcopy-paused query-migrate should say why (error-desc): {paused}"
+            await asyncio.sleep(1)
+            assert src.alive(), "the source exited after migrate-pause" + src.diagnostics()
+            again = await execute(s, "query-migrate")
+            assert again["status"] == "postcopy-paused", f"the source left postcopy-paused: {again}" + src.diagnostics()
+            run = await status(s)
+            assert run != "running", f"the source's guest runs again after postcopy started ({run})" + src.diagnostics()
+    finally:
+        fake.close()
+    assert src.alive(), src.diagnostics()

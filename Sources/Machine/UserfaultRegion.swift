@@ -23,6 +23,15 @@ public final class UserfaultRegion: @unchecked Sendable {
         case alreadyPresent
     }
 
+    /// Why this kernel cannot fault guest RAM in on demand, or nil if it can (a destination
+    /// checks before it accepts a stream that may switch to postcopy).
+    public static var unavailableReason: String? {
+        let fd = cguest_uffd_open()
+        guard fd >= 0 else { return GuestMemoryError.userfault(operation: "userfaultfd", errno: -fd).description }
+        close(fd)
+        return nil
+    }
+
     /// Opens userfaultfd and registers all of guest RAM.
     public init(memory: GuestMemory) throws(GuestMemoryError) {
         self.memory = memory

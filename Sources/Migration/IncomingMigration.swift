@@ -102,6 +102,9 @@ final class IncomingMigration {
         if advisedPostcopy && returnPath == nil {
             throw MigrationStreamError("the source advises postcopy, but this connection cannot carry a return path")
         }
+        if advisedPostcopy, let reason = UserfaultRegion.unavailableReason {
+            throw MigrationStreamError("the source advises postcopy, but this destination cannot take it: \(reason)")
+        }
         for section in configuration.sections {
             switch (section.name, section.version) {
             case ("ram", 1):

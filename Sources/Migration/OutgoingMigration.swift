@@ -289,7 +289,8 @@ final class OutgoingMigration: @unchecked Sendable {
 
     func flushStatistics() {
         stats.transferred = bytesOnEarlierConnections + writer.position
-        if stats.downtime == nil { sections.forEach { $0.report(into: &stats) } } // frozen once complete
+        // Frozen once a pre-copy completes; postcopy counts down after its switchover.
+        if stats.downtime == nil || stats.enteredPostcopy { sections.forEach { $0.report(into: &stats) } }
         stats.cpuThrottlePercentage = autoConverge?.throttle ?? 0
         stats.cpuThrottleMaximum = autoConverge?.maximumReached ?? 0
         controller.update(stats)

@@ -48,7 +48,7 @@ extension OutgoingMigration {
         stats.downtime = WallClock.monotonicMilliseconds() - stopTime
         controller.log("postcopy: the guest ran on the destination after \(stats.downtime ?? 0) ms; \(lacking) pages follow")
         flushStatistics()
-        try streamRemainingPages()
+        try streamRemainingPages(guestWasRunning: wasRunning)
         return wasRunning
     }
 
@@ -72,11 +72,25 @@ extension OutgoingMigration {
     }
 
     /// Requests first, background behind them, END once nothing is left, then the verdict.
-    private func streamRemainingPages() throws(LoopFailure) {
+    private func streamRemainingPages(guestWasRunning: Bool) throws(LoopFailure) {
         var limiter = RateLimiter(bandwidth: postcopyBandwidth, now: WallClock.monotonicMilliseconds(), position: writer.position)
         var endSent = false
         while true {
+            if !endSent, let refusal = returnPath?.earlyFailure {
+                // A destination sends FAILED only if it never started the guest (once it has,
+                // it pauses instead), so the guest is still whole here and runs on.
+                throw LoopFailure(message: "the destination failed to load the migration: \(refusal)",
+                                  stoppedGuestWasRunning: guestWasRunning)
+            }
             if let reason = brokenLink() {
+                if endSent, case .loaded? = returnPath?.waitForVerdict(seconds: 0) {
+                    sections.forEach { $0.report(into: &stats) }
+                    return // the destination confirmed, then closed: done
+                }
+                if !endSent, let refusal = returnPath?.earlyFailure { // it came just before the close
+                    throw LoopFailure(message: "the destination failed to load the migration: \(refusal)",
+                                      stoppedGuestWasRunning: guestWasRunning)
+                }
                 try pauseUntilResumed(reason)
                 limiter = RateLimiter(bandwidth: postcopyBandwidth, now: WallClock.monotonicMilliseconds(), position: writer.position)
                 endSent = false

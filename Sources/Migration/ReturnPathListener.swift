@@ -83,7 +83,8 @@ final class ReturnPathListener: @unchecked Sendable {
         guard offset % pageSize == 0, UInt64(length) % pageSize == 0 else {
             throw MigrationStreamError("RP: Misaligned page request, start: 0x\(String(offset, radix: 16)) len: \(length)")
         }
-        guard length > 0, length <= ReturnPathMessage.maximumRequestLength else {
+        guard length > 0 else { throw MigrationStreamError("RP: an empty page request at 0x\(String(offset, radix: 16))") }
+        guard length <= ReturnPathMessage.maximumRequestLength else {
             throw MigrationStreamError("RP: a page request of \(length) bytes is too long (at most \(ReturnPathMessage.maximumRequestLength))")
         }
         guard offset < ramSize, UInt64(length) <= ramSize - offset else {

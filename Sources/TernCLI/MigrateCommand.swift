@@ -105,7 +105,8 @@ public enum MigrateCommand {
             let info = reply.objectValue?["return"]?.objectValue ?? [:]
             let status = info["status"]?.stringValue ?? "none"
             let now = Date().timeIntervalSince1970
-            if status == "active" || status == "setup" {
+            let inProgress = ["setup", "active", "postcopy-active", "postcopy-paused", "postcopy-recover"]
+            if inProgress.contains(status) {
                 if interactive || now - lastLine >= 1 {
                     let line = progressLine(info)
                     if interactive {
@@ -140,7 +141,9 @@ public enum MigrateCommand {
             + "  transferred \(mebibytes(ram["transferred"]))  remaining \(mebibytes(ram["remaining"]))"
             + String(format: "  %.0f MiB/s", mbps * 1_000_000 / 8 / 1_048_576)
             + "  dirty \(ram["dirty-pages-rate"]?.int64Value ?? 0) pages/s"
-            + "  expected downtime \(info["expected-downtime"]?.int64Value ?? 0) ms"
+            + (info["status"]?.stringValue?.hasPrefix("postcopy") == true
+                ? "  page requests \(ram["postcopy-requests"]?.int64Value ?? 0)"
+                : "  expected downtime \(info["expected-downtime"]?.int64Value ?? 0) ms")
             + encodingProgress(info)
     }
 
