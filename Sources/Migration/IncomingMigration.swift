@@ -35,6 +35,8 @@ final class IncomingMigration {
     private var devices: IncomingDeviceStateSection?
     private var advisedPostcopy = false
     private var postcopy: PostcopyDestination?
+    /// Bytes read on connections that postcopy recovery has replaced.
+    private var bytesOnEarlierConnections: UInt64 = 0
     /// The guest runs here while pages still arrive.
     private(set) var postcopyRunning = false
 
@@ -138,7 +140,7 @@ final class IncomingMigration {
     private func publish(_ progress: (IncomingStatistics) -> Void) {
         statistics.pagesLoaded = ram?.pagesLoaded ?? 0
         statistics.zeroPagesLoaded = ram?.zeroPagesLoaded ?? 0
-        statistics.bytesRead = records.bytesRead
+        statistics.bytesRead = bytesOnEarlierConnections + records.bytesRead
         progress(statistics)
     }
 
@@ -279,6 +281,7 @@ final class IncomingMigration {
     }
 
     private func resume(on fresh: Int32, _ postcopy: PostcopyDestination) throws(MigrationStreamError) {
+        bytesOnEarlierConnections += records.bytesRead
         reader = MigrationStreamReader(descriptor: fresh)
         let magic = try reader.readBytes(MigrationStreamFormat.magic.count)
         let version = try reader.read(UInt32.self)

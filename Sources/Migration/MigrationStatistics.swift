@@ -31,6 +31,8 @@ public struct MigrationStatistics: Equatable, Sendable {
     public var postcopyRequests: UInt64 = 0
     /// Whether the migration switched to postcopy.
     public var enteredPostcopy = false
+    /// Stream bytes sent after the switchover (QEMU 7's `postcopy-bytes`).
+    public var postcopyBytes: UInt64 = 0
 
     public init() {}
 

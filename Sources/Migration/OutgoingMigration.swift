@@ -26,6 +26,8 @@ final class OutgoingMigration: @unchecked Sendable {
     private var policy = ConvergencePolicy()
     /// Bytes written on connections that postcopy recovery has replaced.
     var bytesOnEarlierConnections: UInt64 = 0
+    /// The stream position when postcopy's guest started on the destination.
+    var postcopyStart: UInt64?
     /// How long the source waits at the end for the destination's verdict.
     static let verdictTimeoutSeconds = 30.0
 
@@ -289,6 +291,7 @@ final class OutgoingMigration: @unchecked Sendable {
 
     func flushStatistics() {
         stats.transferred = bytesOnEarlierConnections + writer.position
+        if let postcopyStart { stats.postcopyBytes = stats.transferred - postcopyStart }
         // Frozen once a pre-copy completes; postcopy counts down after its switchover.
         if stats.downtime == nil || stats.enteredPostcopy { sections.forEach { $0.report(into: &stats) } }
         stats.cpuThrottlePercentage = autoConverge?.throttle ?? 0

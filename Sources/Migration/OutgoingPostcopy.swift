@@ -20,6 +20,10 @@ extension OutgoingMigration {
     func runPostcopy() throws(LoopFailure) -> Bool {
         guard controller.transition(from: .active, to: .postcopyActive) else { throw LoopFailure(message: "cancelled") }
         stats.enteredPostcopy = true
+        // As before a pre-copy switchover: let the kernel's backlog reach the destination while
+        // the guest runs, so the destination reaches POSTCOPY_RUN soon after the stop.
+        writer.flush()
+        connection.waitForSendQueue(below: Self.postcopySendQueueLimit, timeout: 0.5)
         let stopTime = WallClock.monotonicMilliseconds()
         let wasRunning = machine.pause(to: .finishMigrate)
         let stoppedAt = WallClock.nanoseconds()
@@ -46,6 +50,7 @@ extension OutgoingMigration {
             throw LoopFailure(message: error.message, stoppedGuestWasRunning: wasRunning)
         }
         stats.downtime = WallClock.monotonicMilliseconds() - stopTime
+        postcopyStart = bytesOnEarlierConnections + writer.position
         controller.log("postcopy: the guest ran on the destination after \(stats.downtime ?? 0) ms; \(lacking) pages follow")
         flushStatistics()
         try streamRemainingPages(guestWasRunning: wasRunning)

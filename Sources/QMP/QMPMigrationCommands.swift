@@ -146,6 +146,7 @@ extension QMPStandardCommands {
         ]
         if stats.enteredPostcopy || migration.capability(.postcopyRAM) {
             ram["postcopy-requests"] = .int(Int64(clamping: stats.postcopyRequests))
+            ram["postcopy-bytes"] = .int(Int64(clamping: stats.postcopyBytes))
         }
         // The capability's state at query time decides, as in QEMU.
         let xbzrle: JSONValue? = migration.capability(.xbzrle) ? xbzrleInfo(stats.xbzrle, cacheSize: migration.xbzrleCacheSize) : nil
