@@ -35,6 +35,12 @@ final class IncomingMigration {
     private var devices: IncomingDeviceStateSection?
     private var advisedPostcopy = false
     private var postcopy: PostcopyDestination?
+    /// When the first switchover record arrived, and what dropping pages cost (for the log).
+    private var switchoverStarted: UInt64?
+    private var discardNanoseconds: UInt64 = 0
+    private var discardedRuns = 0
+    /// Where progress worth a line goes (the controller's log).
+    var log: (String) -> Void = { _ in }
     /// Bytes read on connections that postcopy recovery has replaced.
     private var bytesOnEarlierConnections: UInt64 = 0
     /// The guest runs here while pages still arrive.
@@ -178,9 +184,13 @@ final class IncomingMigration {
                 try body.read(UInt64.self, "stop time")
             }
         case .discard:
+            let started = WallClock.nanoseconds()
+            switchoverStarted = switchoverStarted ?? started
             let destination = try preparePostcopy("DISCARD")
             let runs = try records.withBody { (body) throws(MigrationStreamError) in try Self.decodeDiscard(body) }
             try destination.discard(runs)
+            discardNanoseconds += WallClock.nanoseconds() - started
+            discardedRuns += runs.count
         case .postcopyRun:
             let destination = try preparePostcopy("POSTCOPY_RUN")
             let total = try records.withBody { (body) throws(MigrationStreamError) -> UInt64 in
@@ -197,6 +207,10 @@ final class IncomingMigration {
             postcopyRunning = true
             publish(progress)
             hooks.started(devices!.recordedRunState ?? .paused)
+            let now = WallClock.nanoseconds()
+            let sinceStop = sourceStoppedAt.map { now >= $0 ? "\((now - $0) / 1_000_000) ms after the source stopped it" : "" } ?? ""
+            log("postcopy: the guest runs here \(sinceStop) (switchover records took \((now - (switchoverStarted ?? now)) / 1_000_000) ms, "
+                + "\(discardedRuns) discarded runs \(discardNanoseconds / 1_000_000) ms); \(destination.lackingCount) pages to come")
         case .end:
             let expected = try records.withBody { (body) throws(MigrationStreamError) -> UInt64 in
                 let count = try body.read(UInt64.self, "record count")

@@ -458,6 +458,7 @@ public final class MigrationController: @unchecked Sendable {
         }
         let incoming = IncomingMigration(machine: machine, descriptor: connection.descriptor, settings: settings)
         state.withLock { $0.incomingConnection = connection }
+        incoming.log = { [log] in log("incoming: \($0)") }
         var started: UInt64?
         incoming.hooks.started = { [self, unowned incoming] recorded in
             state.withLock { $0.incomingPostcopy = incoming.postcopyDestination }

@@ -26,6 +26,7 @@ final class OutgoingMigration: @unchecked Sendable {
     private var policy = ConvergencePolicy()
     /// Bytes written on connections that postcopy recovery has replaced.
     var bytesOnEarlierConnections: UInt64 = 0
+    private var drainPings: UInt32 = 0
     /// The stream position when postcopy's guest started on the destination.
     var postcopyStart: UInt64?
     /// How long the source waits at the end for the destination's verdict.
@@ -145,10 +146,7 @@ final class OutgoingMigration: @unchecked Sendable {
                     }
                 }
                 if switchOver {
-                    // Let the kernel's backlog reach the destination while the guest runs;
-                    // the few pages dirtied meanwhile go in the final copy.
-                    writer.flush()
-                    connection.waitForSendQueue(below: 256 << 10, timeout: 0.5)
+                    drainBeforeStop()
                     return try switchOverAndComplete()
                 }
                 let budget = limiter.allowance(position: writer.position)
@@ -173,6 +171,21 @@ final class OutgoingMigration: @unchecked Sendable {
             }
         }
         throw LoopFailure(message: "cancelled")
+    }
+
+    /// Lets the backlog reach the destination and be loaded there while the guest still runs;
+    /// the few pages dirtied meanwhile go in the final copy. With a return path a PING's PONG
+    /// says the destination has read everything before it (on loopback the send queue empties
+    /// into the peer's receive queue at once, so it alone says little); else the send queue.
+    func drainBeforeStop() {
+        writer.flush()
+        connection.waitForSendQueue(below: 256 << 10, timeout: 0.5)
+        guard let returnPath, returnPath.isAlive else { return }
+        drainPings &+= 1
+        let value = 0x4452_0000 | drainPings // "DR": tells these from setup's PING 1
+        writer.record(.ping, required: false) { $0.append(value) }
+        writer.flush()
+        _ = returnPath.waitForPong(value, seconds: 1)
     }
 
     private var pending: PendingBytes { sections.reduce(PendingBytes()) { $0 + $1.pending } }

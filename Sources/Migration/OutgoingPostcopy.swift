@@ -20,10 +20,9 @@ extension OutgoingMigration {
     func runPostcopy() throws(LoopFailure) -> Bool {
         guard controller.transition(from: .active, to: .postcopyActive) else { throw LoopFailure(message: "cancelled") }
         stats.enteredPostcopy = true
-        // As before a pre-copy switchover: let the kernel's backlog reach the destination while
-        // the guest runs, so the destination reaches POSTCOPY_RUN soon after the stop.
-        writer.flush()
-        connection.waitForSendQueue(below: Self.postcopySendQueueLimit, timeout: 0.5)
+        // As before a pre-copy switchover, so the destination reaches POSTCOPY_RUN soon after
+        // the stop instead of first working through a backlog.
+        drainBeforeStop()
         let stopTime = WallClock.monotonicMilliseconds()
         let wasRunning = machine.pause(to: .finishMigrate)
         let stoppedAt = WallClock.nanoseconds()

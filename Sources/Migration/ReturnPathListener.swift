@@ -11,6 +11,7 @@ final class ReturnPathListener: @unchecked Sendable {
     // Sendable: shared fields live in `state`, under its mutex.
     struct State {
         var pongs = 0
+        var lastPong: UInt32?
         var verdict: ReturnPathMessage?
         var closed = false
         var error: String?
@@ -55,8 +56,8 @@ final class ReturnPathListener: @unchecked Sendable {
 
     private func accept(_ message: ReturnPathMessage) throws(MigrationStreamError) {
         switch message {
-        case .pong:
-            state.withLock { $0.pongs += 1 }
+        case let .pong(value):
+            state.withLock { $0.pongs += 1; $0.lastPong = value }
         case .loaded, .failed:
             state.withLock { $0.verdict = message }
         case let .requestPages(offset, length):
@@ -104,6 +105,19 @@ final class ReturnPathListener: @unchecked Sendable {
         condition.lock()
         defer { condition.unlock() }
         while !state.withLock({ $0.closed }) { _ = condition.wait(until: Date().addingTimeInterval(0.1)) }
+    }
+
+    /// Waits up to `seconds` for the PONG to PING `value`; false if it did not come.
+    func waitForPong(_ value: UInt32, seconds: Double) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        condition.lock()
+        defer { condition.unlock() }
+        while true {
+            let snapshot = state.withLock { ($0.lastPong, $0.closed) }
+            if snapshot.0 == value { return true }
+            if snapshot.1 { return false }
+            if !condition.wait(until: deadline) { return state.withLock { $0.lastPong == value } }
+        }
     }
 
     /// Whether the destination has answered a PING, i.e. it speaks the return path.
