@@ -14,6 +14,8 @@ public struct MigrationError: Error, CustomStringConvertible, Equatable {
 public enum MigrationEvent: Equatable, Sendable {
     case statusChanged(MigrationStatus)
     case passCompleted(Int)
+    /// SLO escalation took a step (tern's X_MIGRATION_ESCALATION).
+    case escalated(Escalation)
 }
 
 /// The migration engine's front door: one outgoing migration at a time, the incoming side,
@@ -105,6 +107,17 @@ public final class MigrationController: @unchecked Sendable {
 
     func passCompleted(_ pass: Int) {
         if capability(.events) { observer(.passCompleted(pass)) }
+    }
+
+    /// SLO escalation took a step: logged always, an event with the `events` capability.
+    func escalated(_ escalation: Escalation) {
+        log("SLO escalation: \(escalation.step.rawValue): \(escalation.detail)")
+        if capability(.events) { observer(.escalated(escalation)) }
+    }
+
+    /// SLO escalation gave up: the migration ends as migrate_cancel would end it.
+    func cancelForSLO() {
+        _ = transition(from: .active, to: .cancelling)
     }
 
     // MARK: blockers, capabilities, parameters

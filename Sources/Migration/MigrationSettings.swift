@@ -80,6 +80,11 @@ public struct MigrationParameters: Equatable, Sendable {
     /// QEMU 3.0's `max-postcopy-bandwidth`: bytes per second for the background pages after the
     /// switchover (page requests are never held back); 0, the default, means unlimited.
     public var maxPostcopyBandwidth: UInt64 = 0
+    /// tern's SLO (docs/qmp.md): `x-slo-downtime`, the stop the switchover may take, in ms (it
+    /// replaces `downtime-limit` when set), and `x-slo-total-time`, the budget for the whole
+    /// migration, in ms; either one turns on forecast-driven escalation. 0: not set.
+    public var sloDowntime: UInt64 = 0
+    public var sloTotalTime: UInt64 = 0
 
     public init() {}
 
@@ -91,7 +96,8 @@ public struct MigrationParameters: Equatable, Sendable {
     public static let names = ["compress-level", "compress-threads", "decompress-threads", "x-cpu-throttle-initial",
                                "x-cpu-throttle-increment", "cpu-throttle-initial", "cpu-throttle-increment",
                                "max-cpu-throttle", "max-bandwidth", "downtime-limit", "xbzrle-cache-size",
-                               "multifd-compression", "x-checksum", "x-postcopy-after-passes", "max-postcopy-bandwidth"]
+                               "multifd-compression", "x-checksum", "x-postcopy-after-passes", "max-postcopy-bandwidth",
+                               "x-slo-downtime", "x-slo-total-time"]
 
     /// The kind of value each parameter takes.
     public enum Kind: Sendable { case integer, boolean, string }
@@ -143,6 +149,11 @@ public struct MigrationParameters: Equatable, Sendable {
             return nil
         case "max-postcopy-bandwidth":
             return range(0...Int64.max, "Parameter 'max_postcopy_bandwidth' expects an integer in the range of 0 to \(Int64.max) bytes/second")
+        case "x-slo-downtime":
+            return range(0...Int64(maximumDowntimeLimit),
+                         "Parameter 'x-slo-downtime' expects an integer in the range of 0 to \(maximumDowntimeLimit) milliseconds")
+        case "x-slo-total-time":
+            return range(0...86_400_000, "Parameter 'x-slo-total-time' expects an integer in the range of 0 to 86400000 milliseconds")
         case "x-postcopy-after-passes":
             return range(0...1000, "Parameter 'x-postcopy-after-passes' expects an integer in the range of 0 to 1000")
         default:
@@ -164,6 +175,8 @@ public struct MigrationParameters: Equatable, Sendable {
         case "x-checksum": .boolean(checksums)
         case "x-postcopy-after-passes": .integer(postcopyAfterPasses)
         case "max-postcopy-bandwidth": .integer(Int64(clamping: maxPostcopyBandwidth))
+        case "x-slo-downtime": .integer(Int64(clamping: sloDowntime))
+        case "x-slo-total-time": .integer(Int64(clamping: sloTotalTime))
         default: .integer(0)
         }
     }
@@ -182,6 +195,8 @@ public struct MigrationParameters: Equatable, Sendable {
         case let ("x-checksum", .boolean(v)): checksums = v
         case let ("x-postcopy-after-passes", .integer(v)): postcopyAfterPasses = v
         case let ("max-postcopy-bandwidth", .integer(v)): maxPostcopyBandwidth = UInt64(v)
+        case let ("x-slo-downtime", .integer(v)): sloDowntime = UInt64(v)
+        case let ("x-slo-total-time", .integer(v)): sloTotalTime = UInt64(v)
         default: break
         }
     }

@@ -33,6 +33,10 @@ public struct MigrationStatistics: Equatable, Sendable {
     public var enteredPostcopy = false
     /// Stream bytes sent after the switchover (QEMU 7's `postcopy-bytes`).
     public var postcopyBytes: UInt64 = 0
+    /// Where pre-copy is heading (tern's `x-forecast`).
+    public var forecast: MigrationForecast?
+    /// The steps SLO escalation took (tern's `x-escalations`).
+    public var escalations: [Escalation] = []
 
     public init() {}
 

@@ -27,6 +27,12 @@ final class OutgoingMigration: @unchecked Sendable {
     /// Bytes written on connections that postcopy recovery has replaced.
     var bytesOnEarlierConnections: UInt64 = 0
     private var drainPings: UInt32 = 0
+    var forecaster = MigrationForecaster(now: WallClock.monotonicMilliseconds())
+    var ladder: EscalationLadder?
+    var lastWindowPageBytes: UInt64 = 0
+    /// The throttle SLO escalation holds, in percent.
+    var escalationThrottle = 0
+    private var lastPassDirtied: UInt64 = 0
     /// The stream position when postcopy's guest started on the destination.
     var postcopyStart: UInt64?
     /// How long the source waits at the end for the destination's verdict.
@@ -75,7 +81,14 @@ final class OutgoingMigration: @unchecked Sendable {
     }
 
     private func setUp() throws(MigrationStreamError) {
-        let ram = try OutgoingRAMSection(machine: machine, settings: plan.ramSettings(controller), log: controller.log)
+        ladder = Self.ladder(controller.parameters, postcopy: plan.postcopy)
+        var ramSettings = plan.ramSettings(controller)
+        if ladder != nil {
+            // Escalation may turn encoders on later: the destination must know them from the start.
+            ramSettings.mayAdd = [.xbzrle, controller.parameters.compressionMethod == .zstd ? .zstd : .zlib]
+            ramSettings.probeSavings = true
+        }
+        let ram = try OutgoingRAMSection(machine: machine, settings: ramSettings, log: controller.log)
         sections = [ram, OutgoingDeviceStateSection(machine: machine)]
         if let settings = plan.autoConverge {
             let converge = AutoConverge(settings: settings) { [machine, controller] percent in
@@ -136,9 +149,13 @@ final class OutgoingMigration: @unchecked Sendable {
                         // stream so far, so a small guest neither waits nor spins on syncs.
                         let elapsed = max(WallClock.monotonicMilliseconds() - activeStart, 1)
                         policy.bandwidthMeasured(bytesPerMillisecond: writer.position / elapsed,
-                                                 downtimeLimitNanoseconds: controller.parameters.downtimeLimitNanoseconds)
+                                                 downtimeLimitNanoseconds: downtimeLimitNanoseconds)
                     }
                     switchOver = policy.shouldSwitchOver(pending: pending.total, passes: Int(stats.dirtySyncCount))
+                    if !switchOver && forecastPass(dirtied: lastPassDirtied, pending: pending.total) == .startPostcopy {
+                        return try runPostcopy()
+                    }
+                    guard controller.status == .active else { break }
                     if !switchOver && plan.postcopy && plan.postcopyAfterPasses > 0
                         && stats.dirtySyncCount >= UInt64(plan.postcopyAfterPasses) {
                         controller.log("pre-copy has not converged after \(stats.dirtySyncCount) passes: switching to postcopy")
@@ -165,6 +182,9 @@ final class OutgoingMigration: @unchecked Sendable {
                 windowClosed = true
                 windowClosedWith(window)
                 limiter.limitPerWindow = RateLimiter.limit(for: controller.parameters.maxBandwidth)
+                if forecastWindow(milliseconds: window.milliseconds, pending: pending.total) == .startPostcopy {
+                    return try runPostcopy()
+                }
             }
             if limiter.isExhausted(position: writer.position) {
                 usleep(UInt32(max(limiter.millisecondsLeft(now: now), 1) * 1000))
@@ -192,7 +212,7 @@ final class OutgoingMigration: @unchecked Sendable {
 
     func windowClosedWith(_ window: (bytes: UInt64, milliseconds: UInt64)) {
         let bandwidth = window.milliseconds > 0 ? window.bytes / window.milliseconds : 0 // bytes per ms
-        policy.bandwidthMeasured(bytesPerMillisecond: bandwidth, downtimeLimitNanoseconds: controller.parameters.downtimeLimitNanoseconds)
+        policy.bandwidthMeasured(bytesPerMillisecond: bandwidth, downtimeLimitNanoseconds: downtimeLimitNanoseconds)
         stats.mbps = window.milliseconds > 0 ? Double(window.bytes) * 8 / (Double(window.milliseconds) / 1000) / 1_000_000 : 0
         let dirtyRate = stats.dirtyPagesRate * MigrationStreamFormat.pageSize // as the sections last reported it
         if dirtyRate > 0 && window.bytes > 10_000 && bandwidth > 0 {
@@ -205,6 +225,7 @@ final class OutgoingMigration: @unchecked Sendable {
     private func endPass() throws(MigrationStreamError) {
         var dirtied: UInt64 = 0
         for section in sections { dirtied += try section.beginPass() }
+        lastPassDirtied = dirtied
         stats.dirtySyncCount += 1
         controller.passCompleted(Int(stats.dirtySyncCount))
         writer.record(.passEnd, required: false) { $0.append(UInt32(truncatingIfNeeded: self.stats.dirtySyncCount)) }
@@ -223,7 +244,7 @@ final class OutgoingMigration: @unchecked Sendable {
         let stopTime = WallClock.monotonicMilliseconds()
         let wasRunning = machine.pause(to: .finishMigrate)
         let stoppedAt = WallClock.nanoseconds()
-        observers.forEach { $0.migrationEnded() } // the guest is stopped: no throttle on resume
+        endThrottles() // the guest is stopped: no throttle on resume
         do throws(MigrationStreamError) {
             for (index, section) in sections.enumerated() {
                 try section.complete(SectionStream(writer: writer, id: UInt16(index)), SwitchoverContext(guestWasRunning: wasRunning))
@@ -268,7 +289,7 @@ final class OutgoingMigration: @unchecked Sendable {
                        : "the destination failed to load the migration: ") + reason
         }
         flushStatistics()
-        observers.forEach { $0.migrationEnded() } // the throttle ends with the migration
+        endThrottles() // the throttle ends with the migration
         sections.forEach { $0.cleanup() }
         if let returnPath {
             connection.shutdownIO()
@@ -302,13 +323,23 @@ final class OutgoingMigration: @unchecked Sendable {
         }
     }
 
+    /// Auto-converge's and SLO escalation's throttles end with pre-copy.
+    func endThrottles() {
+        observers.forEach { $0.migrationEnded() }
+        if escalationThrottle > 0 {
+            machine.setCPUThrottle(percent: 0)
+            controller.log("SLO escalation: throttle off")
+            escalationThrottle = 0
+        }
+    }
+
     func flushStatistics() {
         stats.transferred = bytesOnEarlierConnections + writer.position
         if let postcopyStart { stats.postcopyBytes = stats.transferred - postcopyStart }
         // Frozen once a pre-copy completes; postcopy counts down after its switchover.
         if stats.downtime == nil || stats.enteredPostcopy { sections.forEach { $0.report(into: &stats) } }
-        stats.cpuThrottlePercentage = autoConverge?.throttle ?? 0
-        stats.cpuThrottleMaximum = autoConverge?.maximumReached ?? 0
+        stats.cpuThrottlePercentage = max(autoConverge?.throttle ?? 0, escalationThrottle)
+        stats.cpuThrottleMaximum = max(autoConverge?.maximumReached ?? 0, stats.cpuThrottleMaximum, escalationThrottle)
         controller.update(stats)
     }
 }

@@ -26,7 +26,7 @@ extension OutgoingMigration {
         let stopTime = WallClock.monotonicMilliseconds()
         let wasRunning = machine.pause(to: .finishMigrate)
         let stoppedAt = WallClock.nanoseconds()
-        observers.forEach { $0.migrationEnded() } // no throttle: the source guest stays stopped
+        endThrottles() // the source guest stays stopped
         var lacking: UInt64 = 0
         do throws(MigrationStreamError) {
             for (index, section) in sections.enumerated() {

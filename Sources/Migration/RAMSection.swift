@@ -8,6 +8,10 @@ struct RAMEncodingSettings {
     var compression: (method: CompressionMethod, level: Int, threads: Int)?
     /// Asked at each pass: a new XBZRLE cache size set during the migration.
     var cacheSizeNow: () -> UInt64 = { 0 }
+    /// Encodings announced beyond those in use, so that SLO escalation may turn them on later.
+    var mayAdd: [PageEncoding] = []
+    /// Measure what the encoders would save (for SLO escalation).
+    var probeSavings = false
 }
 
 /// Guest RAM as a live section: a first pass over all of RAM (never-written RAM as zero runs,
@@ -25,12 +29,13 @@ final class OutgoingRAMSection: PostcopyLiveSection {
     private var cursor = 0
     private var remainingPages = 0
     private let zero = ZeroPageEncoder()
-    private let xbzrle: XBZRLEPageEncoder?
-    private let compressed: CompressedPageEncoder?
+    private var xbzrle: XBZRLEPageEncoder?
+    private var compressed: CompressedPageEncoder?
+    private let probe: PageSavingsProbe?
     private let raw = RawPageEncoder()
     private var chain: [PageEncoder]
     /// Every encoder this migration used, for the statistics (the chain shrinks in postcopy).
-    private let allEncoders: [PageEncoder]
+    private var allEncoders: [PageEncoder]
     private let settings: RAMEncodingSettings
     private var dirtyPagesRate: UInt64 = 0
     private var pagesDirtiedSinceRateSync = 0
@@ -54,9 +59,38 @@ final class OutgoingRAMSection: PostcopyLiveSection {
         compressed = settings.compression.map { CompressedPageEncoder(method: $0.method, level: $0.level, threads: $0.threads) }
         chain = [zero] + [xbzrle as PageEncoder?, compressed].compactMap { $0 } + [raw]
         allEncoders = chain
+        probe = settings.probeSavings ? PageSavingsProbe(memory: memory) : nil
     }
 
-    var encodings: [PageEncoding] { allEncoders.map(\.encoding) }
+    var encodings: [PageEncoding] {
+        let used = allEncoders.map(\.encoding)
+        return used + settings.mayAdd.filter { !used.contains($0) }
+    }
+
+    /// What the encoders would save on the pages dirtied lately (nil unless probing).
+    var savings: PageSavings? { probe?.savings }
+
+    /// SLO escalation: starts XBZRLE from here on (its cache fills as pages go).
+    func enableXBZRLE(cacheSize: UInt64) -> Bool {
+        guard xbzrle == nil, settings.mayAdd.contains(.xbzrle), let cache = XBZRLECache(bytes: cacheSize) else { return false }
+        let encoder = XBZRLEPageEncoder(cache: cache)
+        xbzrle = encoder
+        rebuildChain()
+        return true
+    }
+
+    /// SLO escalation: compresses pages from here on.
+    func enableCompression(method: CompressionMethod, level: Int, threads: Int) -> Bool {
+        guard compressed == nil, settings.mayAdd.contains(method.encoding) else { return false }
+        compressed = CompressedPageEncoder(method: method, level: level, threads: threads)
+        rebuildChain()
+        return true
+    }
+
+    private func rebuildChain() {
+        chain = [zero] + [xbzrle as PageEncoder?, compressed].compactMap { $0 } + [raw]
+        for encoder in chain where !allEncoders.contains(where: { $0 === encoder }) { allEncoders.append(encoder) }
+    }
 
     func setup(_ stream: SectionStream) throws(MigrationStreamError) {
         do { try tracker.start() } catch { throw MigrationStreamError("cannot start dirty page tracking: \(error)") }
@@ -82,6 +116,7 @@ final class OutgoingRAMSection: PostcopyLiveSection {
         let fresh: DirtyBitmap
         do { fresh = try tracker.collect() } catch { throw MigrationStreamError("dirty log sync failed: \(error)") }
         let dirtied = fresh.count
+        probe?.measure(fresh)
         pagesDirtiedSinceRateSync += dirtied
         var merged = fresh
         if remainingPages > 0 {

@@ -149,14 +149,22 @@ extension QMPStandardCommands {
             ram["postcopy-bytes"] = .int(Int64(clamping: stats.postcopyBytes))
         }
         // The capability's state at query time decides, as in QEMU.
-        let xbzrle: JSONValue? = migration.capability(.xbzrle) ? xbzrleInfo(stats.xbzrle, cacheSize: migration.xbzrleCacheSize) : nil
-        let compression: JSONValue? = migration.capability(.compress) ? compressionInfo(stats.compression) : nil
+        // SLO escalation may turn an encoder on without its capability: then its figures show too.
+        let xbzrle: JSONValue? = migration.capability(.xbzrle) || stats.xbzrle != nil
+            ? xbzrleInfo(stats.xbzrle, cacheSize: migration.xbzrleCacheSize) : nil
+        let compression: JSONValue? = migration.capability(.compress) || stats.compression != nil ? compressionInfo(stats.compression) : nil
+        if !stats.escalations.isEmpty {
+            info["x-escalations"] = .array(stats.escalations.map {
+                ["step": .string($0.step.rawValue), "detail": .string($0.detail), "at-ms": .int(Int64(clamping: $0.at))]
+            })
+        }
         switch stats.status {
         case .active, .cancelling, .postcopyActive, .postcopyPaused, .postcopyRecover:
             info["total-time"] = .int(Int64(WallClock.now - stats.startMilliseconds))
             info["expected-downtime"] = .int(Int64(stats.expectedDowntime ?? 0))
             info["setup-time"] = .int(Int64(stats.setupTime ?? 0))
             if stats.status.isPostcopy, let downtime = stats.downtime { info["downtime"] = .int(Int64(downtime)) }
+            if stats.status == .active, let forecast = stats.forecast { info["x-forecast"] = forecastInfo(forecast) }
             if stats.status == .postcopyPaused, let error = stats.errorDescription { info["error-desc"] = .string(error) }
             info["ram"] = .object(ram)
             if let xbzrle { info["xbzrle-cache"] = xbzrle }
@@ -174,12 +182,26 @@ extension QMPStandardCommands {
             if let xbzrle { info["xbzrle-cache"] = xbzrle }
             if let compression { info["compression"] = compression }
             if stats.cpuThrottleMaximum > 0 { info["x-cpu-throttle-maximum"] = .int(Int64(stats.cpuThrottleMaximum)) }
-        case .failed:
+        case .failed, .cancelled:
+            // tern gives a cancel's reason too when SLO escalation cancelled.
             if let error = stats.errorDescription { info["error-desc"] = .string(error) }
         default:
             break
         }
         return .object(info)
+    }
+
+    static func forecastInfo(_ forecast: MigrationForecast) -> JSONValue {
+        [
+            "converges": .bool(forecast.converges),
+            "passes": .int(Int64(forecast.remainingPasses)),
+            "eta-ms": .int(Int64(clamping: forecast.etaMilliseconds)),
+            "expected-downtime-ms": .int(Int64(clamping: forecast.expectedDowntimeMilliseconds)),
+            "bandwidth": .int(Int64(clamping: forecast.bandwidth)),
+            "dirty-rate": .int(Int64(clamping: forecast.dirtyRate)),
+            "dirty-set": .int(Int64(clamping: forecast.dirtySet)),
+            "basis": .string(forecast.basis),
+        ]
     }
 
     static func parameterType(_ name: String) -> QMPArgumentType {

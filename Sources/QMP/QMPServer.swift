@@ -68,6 +68,9 @@ public final class QMPServer: @unchecked Sendable {
             switch event {
             case let .statusChanged(status): self?.emit(event: "MIGRATION", data: ["status": .string(status.rawValue)])
             case let .passCompleted(pass): self?.emit(event: "MIGRATION_PASS", data: ["pass": .int(Int64(pass))])
+            case let .escalated(step):
+                self?.emit(event: "X_MIGRATION_ESCALATION", data: ["step": .string(step.step.rawValue), "detail": .string(step.detail),
+                                                                  "at-ms": .int(Int64(clamping: step.at))])
             }
         }
     }

@@ -6,14 +6,17 @@ import QMP
 /// the running guest over loopback TCP with progress, verifies the result and summarises.
 public enum DemoCommand {
     public static let usage = """
-    Usage: tern demo [-m SIZE] [-smp N] [-append TEXT] [--speed BYTES|unlimited] [-kernel FILE [-initrd FILE]]
+    Usage: tern demo [-m SIZE] [-smp N] [-append TEXT] [--speed BYTES|unlimited] [--report FILE]
+                     [-kernel FILE [-initrd FILE]]
 
     Starts a source VM (the built-in guest, dirtying memory as -append says; default
     -m 512M -append "wss=256M rate=64M") and a paused destination, live-migrates the running
     guest over loopback TCP with a progress line, then verifies:
       1. memory: SHA-256 of all guest RAM on the stopped source and the paused destination match;
       2. the guest: resumed on the destination, its own self-check keeps passing.
-    Then prints the summary (total time, downtime, bytes, passes) and stops both VMs.
+    Then prints the summary (total time, downtime, bytes, passes), writes a picture of the
+    migration (SVG: remaining bytes per pass, bandwidth, dirty rate, forecast) to FILE
+    (default ./tern-demo-report.svg) and says where, and stops both VMs.
     With -kernel it migrates that Linux kernel instead (memory is verified; the guest's
     self-check is the built-in guest's only).
 
@@ -29,6 +32,7 @@ public enum DemoCommand {
         var append = "wss=256M rate=64M"
         var speed = "unlimited"
         var kernel: [String] = []
+        var report = FileManager.default.currentDirectoryPath + "/tern-demo-report.svg"
         var index = 0
         while index < arguments.count {
             let option = arguments[index]
@@ -44,6 +48,7 @@ public enum DemoCommand {
             case "-smp": cpus = value
             case "-append": append = value
             case "--speed": speed = value
+            case "--report": report = value
             case "-kernel", "-initrd": kernel += [option, value]
             default:
                 printError("demo: unknown option '\(option)' (see tern demo --help)")
@@ -51,11 +56,23 @@ public enum DemoCommand {
             }
         }
         do {
-            return try run(memory: memory, cpus: cpus, append: append, speed: speed, kernel: kernel)
+            return try run(memory: memory, cpus: cpus, append: append, speed: speed, kernel: kernel, report: report)
         } catch {
             printError("demo: \(error)")
             return 1
         }
+    }
+
+    /// The picture of the migration; where the path cannot be written, a temporary file.
+    static func writeReport(_ recorder: MigrationRecorder, _ info: JSONObject, to path: String) {
+        let summary = MigrateCommand.summaryLines(info)
+        for candidate in [path, NSTemporaryDirectory() + "tern-demo-report-\(getpid()).svg"] {
+            if (try? MigrationReport.write(recorder, summary: summary, to: candidate)) != nil {
+                say("wrote a picture of the migration to \(candidate)")
+                return
+            }
+        }
+        say("could not write the migration report to \(path)")
     }
 
     static func say(_ text: String) {
@@ -63,7 +80,7 @@ public enum DemoCommand {
         fflush(nil)
     }
 
-    static func run(memory: String, cpus: String, append: String, speed: String, kernel: [String]) throws -> Int32 {
+    static func run(memory: String, cpus: String, append: String, speed: String, kernel: [String], report: String) throws -> Int32 {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("tern-demo-\(getpid())")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: directory) }
@@ -97,7 +114,10 @@ public enum DemoCommand {
 
         say("live-migrating to tcp:127.0.0.1:\(port) (bandwidth: \(speed))")
         let speedValue: Int64 = speed == "unlimited" ? Int64.max / 2 : Int64(clamping: SizeParser.parse(speed) ?? 32 << 20)
-        let outcome = try MigrateCommand.run(sourceMonitor, uri: "tcp:127.0.0.1:\(port)", speed: speedValue, downtime: nil)
+        let recorder = MigrationRecorder()
+        let outcome = try MigrateCommand.run(sourceMonitor, uri: "tcp:127.0.0.1:\(port)", speed: speedValue, downtime: nil,
+                                             recorder: recorder)
+        writeReport(recorder, outcome.info, to: report)
         guard outcome.succeeded else {
             MigrateCommand.printSummary(outcome.info)
             throw DemoError(description: "the migration did not complete")

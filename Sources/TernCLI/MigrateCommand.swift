@@ -5,12 +5,14 @@ import QMP
 public enum MigrateCommand {
     public static let usage = """
     Usage: tern migrate --qmp SOCKET [--speed BYTES|unlimited] [--downtime MS]
-                        [--capability NAME]... URI
+                        [--capability NAME]... [--slo-downtime MS] [--slo-total-time MS]
+                        [--report FILE] URI
 
     Starts a live migration on the tern (or QEMU) behind the QMP socket SOCKET, to URI
     (tcp:HOST:PORT, unix:PATH, exec:COMMAND, fd:NAME), shows its progress (pass, transferred
-    and remaining, throughput, dirty rate, expected downtime) and a summary at the end.
-    Exits 0 when the migration completes, 1 when it fails or is cancelled.
+    and remaining, throughput, dirty rate, the forecast's ETA and predicted stop, escalation
+    steps) and a summary at the end. Exits 0 when the migration completes, 1 when it fails or
+    is cancelled.
 
       --speed BYTES    maximum bandwidth in bytes/s (K/M/G suffixes), or 'unlimited'
                        (default: what the source has, 32M unless changed)
@@ -18,6 +20,13 @@ public enum MigrateCommand {
       --capability NAME  turn a migration capability on at the source first (xbzrle,
                        auto-converge, compress, events; repeatable). compress must also be
                        on at the destination (see docs/qmp.md)
+      --slo-downtime MS  the stop the switchover may take (tern's x-slo-downtime)
+      --slo-total-time MS  the budget for the whole migration (x-slo-total-time): tern
+                       escalates (XBZRLE, compression, throttle, postcopy if allowed) when
+                       its forecast says the budget will be missed, and cancels in time
+                       when nothing can meet it; the source guest runs on
+      --report FILE    write an SVG picture of the migration (remaining bytes per pass,
+                       bandwidth, dirty rate, throttle, switchover, forecast) to FILE
 
     """
 
@@ -33,6 +42,8 @@ public enum MigrateCommand {
         var downtime: Double?
         var uri: String?
         var capabilities: [String] = []
+        var parameters: JSONObject = [:]
+        var reportPath: String?
         var index = 0
         while index < arguments.count {
             let argument = arguments[index]
@@ -57,6 +68,15 @@ public enum MigrateCommand {
             case "--capability":
                 guard let name = value() else { printError("migrate: --capability needs a name, e.g. --capability xbzrle"); return 2 }
                 capabilities.append(name)
+            case "--slo-downtime", "--slo-total-time":
+                guard let text = value(), let milliseconds = Int64(text), milliseconds >= 0 else {
+                    printError("migrate: \(argument) needs milliseconds, e.g. \(argument) 5000")
+                    return 2
+                }
+                parameters[argument == "--slo-downtime" ? "x-slo-downtime" : "x-slo-total-time"] = .int(milliseconds)
+            case "--report":
+                guard let path = value() else { printError("migrate: --report needs a file name, e.g. --report migration.svg"); return 2 }
+                reportPath = path
             case "--downtime":
                 guard let text = value(), let milliseconds = Double(text), milliseconds >= 0 else {
                     printError("migrate: --downtime needs milliseconds, e.g. --downtime 300")
@@ -84,8 +104,14 @@ public enum MigrateCommand {
                 let list: [JSONValue] = capabilities.map { ["capability": .string($0), "state": .bool(true)] }
                 try check(connection.execute("migrate-set-capabilities", arguments: ["capabilities": .array(list)]))
             }
-            let outcome = try run(connection, uri: uri, speed: speed, downtime: downtime)
+            if !parameters.keys.isEmpty { try check(connection.execute("migrate-set-parameters", arguments: parameters)) }
+            let recorder = reportPath.map { _ in MigrationRecorder() }
+            let outcome = try run(connection, uri: uri, speed: speed, downtime: downtime, recorder: recorder)
             printSummary(outcome.info)
+            if let reportPath, let recorder {
+                try MigrationReport.write(recorder, summary: summaryLines(outcome.info), to: reportPath)
+                print("report written to \(reportPath)")
+            }
             return outcome.succeeded ? 0 : 1
         } catch {
             printError("migrate: \(error)")
@@ -94,7 +120,8 @@ public enum MigrateCommand {
     }
 
     /// Starts the migration and follows it to its end, printing progress on standard error.
-    static func run(_ connection: QMPConnection, uri: String, speed: Int64?, downtime: Double?) throws -> Outcome {
+    static func run(_ connection: QMPConnection, uri: String, speed: Int64?, downtime: Double?,
+                    recorder: MigrationRecorder? = nil) throws -> Outcome {
         if let speed { try check(connection.execute("migrate_set_speed", arguments: ["value": .int(speed)])) }
         if let downtime { try check(connection.execute("migrate_set_downtime", arguments: ["value": .double(downtime)])) }
         try check(connection.execute("migrate", arguments: ["uri": .string(uri)]))
@@ -104,8 +131,9 @@ public enum MigrateCommand {
             let reply = try connection.execute("query-migrate", arguments: nil)
             let info = reply.objectValue?["return"]?.objectValue ?? [:]
             let status = info["status"]?.stringValue ?? "none"
+            recorder?.record(info)
             let now = Date().timeIntervalSince1970
-            let inProgress = ["setup", "active", "postcopy-active", "postcopy-paused", "postcopy-recover"]
+            let inProgress = ["setup", "active", "cancelling", "postcopy-active", "postcopy-paused", "postcopy-recover"]
             if inProgress.contains(status) {
                 if interactive || now - lastLine >= 1 {
                     let line = progressLine(info)
@@ -143,8 +171,22 @@ public enum MigrateCommand {
             + "  dirty \(ram["dirty-pages-rate"]?.int64Value ?? 0) pages/s"
             + (info["status"]?.stringValue?.hasPrefix("postcopy") == true
                 ? "  page requests \(ram["postcopy-requests"]?.int64Value ?? 0)"
-                : "  expected downtime \(info["expected-downtime"]?.int64Value ?? 0) ms")
+                : forecastProgress(info))
             + encodingProgress(info)
+    }
+
+    /// The forecast's ETA and predicted stop (tern), or QEMU's expected downtime.
+    static func forecastProgress(_ info: JSONObject) -> String {
+        guard let forecast = info["x-forecast"]?.objectValue else {
+            return "  expected downtime \(info["expected-downtime"]?.int64Value ?? 0) ms"
+        }
+        var text = forecast["converges"]?.boolValue == false ? "  forecast: does not converge"
+            : String(format: "  ETA %.1f s, stop ~%lld ms", Double(forecast["eta-ms"]?.int64Value ?? 0) / 1000,
+                     forecast["expected-downtime-ms"]?.int64Value ?? 0)
+        if case let .array(steps)? = info["x-escalations"], !steps.isEmpty {
+            text += "  escalated: " + steps.compactMap { $0.objectValue?["step"]?.stringValue }.joined(separator: ", ")
+        }
+        return text
     }
 
     /// What the capabilities in use did, for the progress line.
@@ -162,6 +204,10 @@ public enum MigrateCommand {
     }
 
     static func printSummary(_ info: JSONObject) {
+        print(summaryLines(info).joined(separator: "\n"))
+    }
+
+    static func summaryLines(_ info: JSONObject) -> [String] {
         let status = info["status"]?.stringValue ?? "?"
         var lines = ["migration \(status)"]
         if let error = info["error-desc"]?.stringValue { lines.append("  error: \(error)") }
@@ -182,8 +228,17 @@ public enum MigrateCommand {
                 lines.append("  compressed      \(compression["pages"]?.int64Value ?? 0) pages into \(mebibytes(compression["compressed-size"])), "
                              + String(format: "%.2f:1", rate))
             }
-            if let throttle = info["x-cpu-throttle-maximum"]?.int64Value { lines.append("  vCPU throttle   up to \(throttle)% (auto-converge)") }
+            if let throttle = info["x-cpu-throttle-maximum"]?.int64Value { lines.append("  vCPU throttle   up to \(throttle)%") }
+            if let requests = ram["postcopy-requests"]?.int64Value, info["downtime"] != nil, requests > 0 {
+                lines.append("  postcopy        \(requests) page requests, \(mebibytes(ram["postcopy-bytes"])) after the switchover")
+            }
         }
-        print(lines.joined(separator: "\n"))
+        if case let .array(steps)? = info["x-escalations"] {
+            for step in steps {
+                let object = step.objectValue ?? [:]
+                lines.append("  escalation      at \(object["at-ms"]?.int64Value ?? 0) ms: \(object["step"]?.stringValue ?? "?"): \(object["detail"]?.stringValue ?? "")")
+            }
+        }
+        return lines
     }
 }

@@ -1,0 +1,94 @@
+/// Where a pre-copy migration is heading: `x-forecast` in `query-migrate`, the ETA in
+/// `tern migrate`'s progress line, and what SLO escalation decides on.
+public struct MigrationForecast: Equatable, Sendable {
+    /// Whether pre-copy reaches a final copy within the downtime limit under today's settings.
+    public var converges: Bool
+    /// Passes still to run before the switchover (when it converges).
+    public var remainingPasses: Int
+    /// Milliseconds until the migration completes (when it converges).
+    public var etaMilliseconds: UInt64
+    /// Milliseconds of the final stop.
+    public var expectedDowntimeMilliseconds: UInt64
+    /// Page bytes per second the link carries (after the encoders' savings).
+    public var bandwidth: UInt64
+    /// Bytes per second the guest dirties.
+    public var dirtyRate: UInt64
+    /// The largest dirty set a pass has found, in bytes.
+    public var dirtySet: UInt64
+    /// What the forecast rests on: "first-pass" (no dirty rate yet) or "passes".
+    public var basis: String
+}
+
+/// Builds the forecast from what the migration measures: page bandwidth per 100 ms window,
+/// the bytes each pass found dirty and how long it took. The model is QEMU's iteration made
+/// explicit: a pass over R bytes takes R / bandwidth, during which the guest dirties
+/// rate × time bytes, but never more than the largest dirty set seen (its working set); the
+/// migration converges when a pass leaves no more than bandwidth × downtime limit. Rates are
+/// smoothed (EWMA, weight ½) so that one odd window does not swing the answer.
+struct MigrationForecaster {
+    /// Page bytes per millisecond.
+    private(set) var bandwidth: Double = 0
+    /// Dirtied bytes per millisecond.
+    private(set) var dirtyRate: Double?
+    private(set) var largestDirtySet: UInt64 = 0
+    private var passStart: UInt64
+    /// The most passes the convergence policy will run.
+    static let maximumPasses = 30
+
+    init(now: UInt64) { passStart = now }
+
+    mutating func windowMeasured(pageBytes: UInt64, milliseconds: UInt64) {
+        guard milliseconds > 0 else { return }
+        let sample = Double(pageBytes) / Double(milliseconds)
+        bandwidth = bandwidth == 0 ? sample : (bandwidth + sample) / 2
+    }
+
+    /// A pass ended at `now` and the sync found `dirtied` bytes.
+    mutating func passEnded(now: UInt64, dirtied: UInt64) {
+        let elapsed = max(now - passStart, 1)
+        let sample = Double(dirtied) / Double(elapsed)
+        dirtyRate = dirtyRate.map { ($0 + sample) / 2 } ?? sample
+        largestDirtySet = max(largestDirtySet, dirtied)
+        passStart = now
+    }
+
+    /// The forecast with `pending` bytes left in the current pass, `passes` done so far, and
+    /// `downtimeLimit` ms.
+    func forecast(now: UInt64, pending: UInt64, passesDone: Int, downtimeLimit: UInt64) -> MigrationForecast {
+        let perMillisecond = max(bandwidth, 1)
+        let finalLimit = perMillisecond * Double(downtimeLimit)
+        var remaining = Double(pending)
+        var total = remaining / perMillisecond
+        var passes = 0
+        var converges = false
+        if let rate = dirtyRate {
+            let workingSet = Double(max(largestDirtySet, 1))
+            // The current pass ends; what it leaves dirty is the next pass, and so on.
+            var dirtyNext = min(rate * max(Double(now - passStart) + total, 1), workingSet)
+            while passesDone + passes < Self.maximumPasses {
+                if dirtyNext <= finalLimit {
+                    converges = true
+                    remaining = dirtyNext
+                    break
+                }
+                let time = dirtyNext / perMillisecond
+                let following = min(rate * time, workingSet)
+                if following >= dirtyNext * 0.95 { break } // the passes no longer shrink
+                total += time
+                passes += 1
+                dirtyNext = following
+            }
+        } else {
+            // First pass: no dirty rate yet; converging is assumed, the ETA is the pass.
+            converges = true
+            remaining = 0
+        }
+        let downtime = remaining / perMillisecond
+        return MigrationForecast(
+            converges: converges, remainingPasses: converges ? passes + 1 : 0,
+            etaMilliseconds: converges ? UInt64(total + downtime) : 0,
+            expectedDowntimeMilliseconds: UInt64(downtime.rounded(.up)),
+            bandwidth: UInt64(bandwidth * 1000), dirtyRate: UInt64((dirtyRate ?? 0) * 1000),
+            dirtySet: largestDirtySet, basis: dirtyRate == nil ? "first-pass" : "passes")
+    }
+}
