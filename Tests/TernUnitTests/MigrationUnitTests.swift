@@ -33,7 +33,7 @@ struct MigrationUnitTests {
         #expect(defaults.downtimeLimit == 300)
         #expect(MigrationParameters.names.filter { $0 != "xbzrle-cache-size" }.map { defaults.value(of: $0) } == [
             .integer(1), .integer(8), .integer(2), .integer(20), .integer(10), .integer(20), .integer(10), .integer(99),
-            .integer(32 << 20), .integer(300), .string("none"), .boolean(true), .integer(0), .integer(0),
+            .integer(32 << 20), .integer(300), .string("none"), .boolean(true), .integer(0), .integer(0), .integer(0), .integer(0),
         ])
         #expect(MigrationParameters.validate("max-cpu-throttle", .integer(0))
                 == "Parameter 'max_cpu_throttle' expects an integer in the range of 1 to 99")

@@ -1,0 +1,98 @@
+import Testing
+@testable import Migration
+
+@Suite("Forecast and SLO escalation")
+struct ForecastUnitTests {
+    /// A forecaster that has seen `windows` of `bandwidth` page bytes per ms and passes that
+    /// found `dirtied` bytes each, `passMilliseconds` apart.
+    func forecaster(bandwidth: UInt64, dirtied: [UInt64], passMilliseconds: UInt64) -> (MigrationForecaster, UInt64) {
+        var forecaster = MigrationForecaster(now: 0)
+        forecaster.windowMeasured(pageBytes: bandwidth * 100, milliseconds: 100)
+        var now: UInt64 = 0
+        for bytes in dirtied {
+            now += passMilliseconds
+            forecaster.passEnded(now: now, dirtied: bytes)
+        }
+        return (forecaster, now)
+    }
+
+    @Test("before the first sync it assumes convergence and the ETA is the pass")
+    func firstPass() {
+        var forecaster = MigrationForecaster(now: 0)
+        forecaster.windowMeasured(pageBytes: 10_000_000, milliseconds: 100) // 100 000 B/ms
+        let forecast = forecaster.forecast(now: 100, pending: 50_000_000, passesDone: 0, downtimeLimit: 300)
+        #expect(forecast.converges && forecast.basis == "first-pass")
+        #expect(forecast.etaMilliseconds == 500)
+    }
+
+    @Test("a guest that dirties a fixed working set faster than the link does not converge")
+    func saturated() {
+        // 64 MiB found dirty every pass, 50 000 B/ms link: each pass takes ~1.3 s and finds it all again.
+        let (forecaster, now) = forecaster(bandwidth: 50_000, dirtied: [64 << 20, 64 << 20], passMilliseconds: 1340)
+        let forecast = forecaster.forecast(now: now, pending: 64 << 20, passesDone: 2, downtimeLimit: 300)
+        #expect(!forecast.converges && forecast.etaMilliseconds == 0 && forecast.basis == "passes")
+        #expect(forecast.dirtySet == 64 << 20)
+    }
+
+    @Test("a slow dirtier converges, and each pass shrinks the set: passes and ETA follow")
+    func shrinking() {
+        // 1 MiB dirtied in a 1 s pass (1048 B/ms) over a 100 000 B/ms link; 300 ms allows 30 MB.
+        let (forecaster, now) = forecaster(bandwidth: 100_000, dirtied: [1 << 20], passMilliseconds: 1000)
+        let forecast = forecaster.forecast(now: now, pending: 1 << 20, passesDone: 1, downtimeLimit: 300)
+        #expect(forecast.converges)
+        #expect(forecast.remainingPasses == 1)
+        // The current pass (about 10 ms) and a final stop of a few ms.
+        #expect(forecast.etaMilliseconds >= 10 && forecast.etaMilliseconds < 50)
+        #expect(forecast.expectedDowntimeMilliseconds <= 1)
+    }
+
+    func ladder(budget: UInt64 = 10_000, postcopy: Bool = false, maximum: Int = 99) -> EscalationLadder {
+        EscalationLadder(settings: SLOSettings(downtimeTarget: 0, totalBudget: budget, postcopyAllowed: postcopy,
+                                               throttleInitial: 20, throttleIncrement: 10, throttleMaximum: maximum))
+    }
+
+    let missing = MigrationForecast(converges: false, remainingPasses: 0, etaMilliseconds: 0, expectedDowntimeMilliseconds: 0,
+                                    bandwidth: 50 << 20, dirtyRate: 50 << 20, dirtySet: 64 << 20, basis: "passes")
+
+    @Test("the ladder's order: encoders that pay, throttle up to the maximum, postcopy, then cancel")
+    func order() {
+        var ladder = ladder(postcopy: true, maximum: 40)
+        let cheap = PageSavings(xbzrleRatio: 0.1, compressionRatio: 0.3)
+        var actions: [EscalationLadder.Action] = []
+        for pass in 0..<8 {
+            let (action, _) = ladder.passEnded(missing, elapsed: UInt64(pass) * 100, savings: cheap)
+            if action != .none { actions.append(action) }
+        }
+        // dirty == link: a pass halves only at a 50% throttle, capped here at 40.
+        #expect(actions.count == 5, "\(actions)")
+        #expect(Array(actions.prefix(4)) == [.enable(.xbzrle), .enable(.compress), .throttle(40), .postcopy])
+        if case let .cancel(reason)? = actions.last {
+            #expect(reason.hasPrefix("nothing left to try: the forecast says pre-copy does not converge"))
+        } else {
+            Issue.record("the ladder should end in a cancel: \(actions)")
+        }
+    }
+
+    @Test("encoders that do not pay are skipped; the throttle climbs a step per pass; no budget, no cancel")
+    func skipsAndClimbs() {
+        var ladder = ladder(budget: 0, maximum: 70)
+        let useless = PageSavings(xbzrleRatio: 0.95, compressionRatio: 0.99)
+        var actions: [EscalationLadder.Action] = []
+        for pass in 0..<6 { actions.append(ladder.passEnded(missing, elapsed: UInt64(pass) * 100, savings: useless).0) }
+        #expect(actions == [.throttle(50), .throttle(60), .throttle(70), .none, .none, .none])
+    }
+
+    @Test("a forecast that meets the budget takes no step; near the budget's end the window check cancels")
+    func deadline() {
+        var ladder = ladder(budget: 5000)
+        let fine = MigrationForecast(converges: true, remainingPasses: 1, etaMilliseconds: 1000, expectedDowntimeMilliseconds: 5,
+                                     bandwidth: 1, dirtyRate: 1, dirtySet: 1, basis: "passes")
+        #expect(ladder.passEnded(fine, elapsed: 1000, savings: nil).0 == .none)
+        #expect(ladder.windowClosed(elapsed: 1000, expectedDowntime: 5) == .none)
+        guard case .cancel? = Optional(ladder.windowClosed(elapsed: 4850, expectedDowntime: 5)) else {
+            Issue.record("the budget is about to run out: cancel")
+            return
+        }
+        #expect(ladder.windowClosed(elapsed: 4900, expectedDowntime: 5) == .none, "cancel only once")
+    }
+}
