@@ -43,14 +43,33 @@ struct MigrationForecaster {
         bandwidth = bandwidth == 0 ? sample : (bandwidth + sample) / 2
     }
 
-    /// A pass ended at `now` and the sync found `dirtied` bytes.
+    /// A pass ended at `now` and the sync found `dirtied` bytes. Its average rate only counts
+    /// when no short sample measured the pass (a long pass saturates at the working set).
     mutating func passEnded(now: UInt64, dirtied: UInt64) {
         let elapsed = max(now - passStart, 1)
-        let sample = Double(dirtied) / Double(elapsed)
-        dirtyRate = dirtyRate.map { ($0 + sample) / 2 } ?? sample
+        if !sampledThisPass {
+            let sample = Double(dirtied) / Double(elapsed)
+            dirtyRate = dirtyRate.map { ($0 + sample) / 2 } ?? sample
+        }
         largestDirtySet = max(largestDirtySet, dirtied)
         passStart = now
+        sampledThisPass = false
     }
+
+    /// A mid-pass sample: `bytes` of distinct pages dirtied in `milliseconds`.
+    mutating func dirtySampled(bytes: UInt64, milliseconds: UInt64) {
+        guard milliseconds > 0 else { return }
+        let sample = Double(bytes) / Double(milliseconds)
+        dirtyRate = dirtyRate.map { ($0 + sample) / 2 } ?? sample
+        largestDirtySet = max(largestDirtySet, bytes)
+        sampledThisPass = true
+    }
+
+    /// When the current pass began, for scheduling the mid-pass sample.
+    var currentPassStart: UInt64 { passStart }
+    private var sampledThisPass = false
+    /// Bounds the dirty set before a pass has measured one.
+    var memorySize: UInt64 = 0
 
     /// The forecast with `pending` bytes left in the current pass, `passes` done so far, and
     /// `downtimeLimit` ms.
@@ -62,7 +81,8 @@ struct MigrationForecaster {
         var passes = 0
         var converges = false
         if let rate = dirtyRate {
-            let workingSet = Double(max(largestDirtySet, 1))
+            // Before any pass has ended the working set is unknown: all of RAM bounds it.
+            let workingSet = Double(max(passesDone == 0 ? max(memorySize, largestDirtySet) : largestDirtySet, 1))
             // The current pass ends; what it leaves dirty is the next pass, and so on.
             var dirtyNext = min(rate * max(Double(now - passStart) + total, 1), workingSet)
             while passesDone + passes < Self.maximumPasses {
@@ -89,6 +109,6 @@ struct MigrationForecaster {
             etaMilliseconds: converges ? UInt64(total + downtime) : 0,
             expectedDowntimeMilliseconds: UInt64(downtime.rounded(.up)),
             bandwidth: UInt64(bandwidth * 1000), dirtyRate: UInt64((dirtyRate ?? 0) * 1000),
-            dirtySet: largestDirtySet, basis: dirtyRate == nil ? "first-pass" : "passes")
+            dirtySet: largestDirtySet, basis: dirtyRate == nil ? "first-pass" : (passesDone == 0 ? "sample" : "passes"))
     }
 }

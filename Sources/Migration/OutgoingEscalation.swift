@@ -26,10 +26,11 @@ extension OutgoingMigration {
     }
 
     /// A 100 ms window closed during pre-copy.
-    func forecastWindow(milliseconds: UInt64, pending: UInt64) -> EscalationOutcome {
+    func forecastWindow(milliseconds: UInt64, pending: UInt64) throws(LoopFailure) -> EscalationOutcome {
         let sent = pageBytesSent
         forecaster.windowMeasured(pageBytes: sent - min(sent, lastWindowPageBytes), milliseconds: milliseconds)
         lastWindowPageBytes = sent
+        try sampleDirtyRateIfLongPass(pending: pending)
         refreshForecast(pending: pending)
         guard ladder != nil else { return .carryOn }
         switch ladder!.windowClosed(elapsed: elapsed, expectedDowntime: stats.forecast?.expectedDowntimeMilliseconds ?? 0) {
@@ -42,6 +43,23 @@ extension OutgoingMigration {
             break
         }
         return .carryOn
+    }
+
+    /// A quarter second into a pass that will last a second or more, sample the dirty log once:
+    /// the rate at which distinct pages are dirtied now, before the pass saturates.
+    private func sampleDirtyRateIfLongPass(pending: UInt64) throws(LoopFailure) {
+        let now = WallClock.monotonicMilliseconds()
+        let sinceStart = now - min(now, forecaster.currentPassStart)
+        guard sampledPass != stats.dirtySyncCount, sinceStart >= 250, forecaster.bandwidth > 0,
+              Double(pending) / forecaster.bandwidth >= 750,
+              let ram = sections.compactMap({ $0 as? OutgoingRAMSection }).first else { return }
+        sampledPass = stats.dirtySyncCount
+        do {
+            let pages = try ram.sampleDirtyPages()
+            forecaster.dirtySampled(bytes: UInt64(pages) * MigrationStreamFormat.pageSize, milliseconds: sinceStart)
+        } catch {
+            throw LoopFailure(message: error.message)
+        }
     }
 
     /// A pass ended during pre-copy (and the switchover test said go on).

@@ -33,6 +33,8 @@ final class OutgoingMigration: @unchecked Sendable {
     /// The throttle SLO escalation holds, in percent.
     var escalationThrottle = 0
     private var lastPassDirtied: UInt64 = 0
+    /// The pass whose dirty rate was sampled mid-pass (none yet: .max).
+    var sampledPass: UInt64 = .max
     /// The stream position when postcopy's guest started on the destination.
     var postcopyStart: UInt64?
     /// How long the source waits at the end for the destination's verdict.
@@ -60,6 +62,8 @@ final class OutgoingMigration: @unchecked Sendable {
             return
         }
         stats.setupTime = WallClock.monotonicMilliseconds() - setupStart
+        forecaster = MigrationForecaster(now: WallClock.monotonicMilliseconds())
+        forecaster.memorySize = machine.memory.size
         stats.expectedDowntime = controller.parameters.downtimeLimit
         flushStatistics()
         guard controller.transition(from: .setup, to: .active) else {
@@ -182,7 +186,7 @@ final class OutgoingMigration: @unchecked Sendable {
                 windowClosed = true
                 windowClosedWith(window)
                 limiter.limitPerWindow = RateLimiter.limit(for: controller.parameters.maxBandwidth)
-                if forecastWindow(milliseconds: window.milliseconds, pending: pending.total) == .startPostcopy {
+                if try forecastWindow(milliseconds: window.milliseconds, pending: pending.total) == .startPostcopy {
                     return try runPostcopy()
                 }
             }

@@ -26,6 +26,8 @@ final class OutgoingRAMSection: PostcopyLiveSection {
     /// Pages per batch: each batch is encoded, then flushed as whole records.
     private let batchPages = min(XBZRLEPageEncoder.maximumBatch, CompressedPageEncoder.batchPages)
     private var bitmap: DirtyBitmap
+    /// Pages a mid-pass dirty-rate sample took from the dirty log: they join the next pass.
+    private var carried: DirtyBitmap?
     private var cursor = 0
     private var remainingPages = 0
     private let zero = ZeroPageEncoder()
@@ -115,10 +117,15 @@ final class OutgoingRAMSection: PostcopyLiveSection {
     func beginPass() throws(MigrationStreamError) -> UInt64 {
         let fresh: DirtyBitmap
         do { fresh = try tracker.collect() } catch { throw MigrationStreamError("dirty log sync failed: \(error)") }
-        let dirtied = fresh.count
-        probe?.measure(fresh)
-        pagesDirtiedSinceRateSync += dirtied
         var merged = fresh
+        if let carried {
+            var page = 0
+            while let next = carried.nextSet(from: page) { merged.set(next); page = next + 1 }
+            self.carried = nil
+        }
+        let dirtied = merged.count
+        probe?.measure(merged)
+        pagesDirtiedSinceRateSync += dirtied
         if remainingPages > 0 {
             var page = cursor
             while let next = bitmap.nextSet(from: page) { merged.set(next); page = next + 1 }
@@ -171,6 +178,19 @@ final class OutgoingRAMSection: PostcopyLiveSection {
         while remainingPages > 0 {
             try iterate(stream, budget: .max)
         }
+    }
+
+    /// Syncs the dirty log in the middle of a pass to see how fast the guest dirties distinct
+    /// pages right now (a whole pass only shows its working set once it saturates). The pages
+    /// found are carried into the next pass, so nothing is lost. Returns the pages found.
+    func sampleDirtyPages() throws(MigrationStreamError) -> Int {
+        let fresh: DirtyBitmap
+        do { fresh = try tracker.collect() } catch { throw MigrationStreamError("dirty log sync failed: \(error)") }
+        var keep = carried ?? DirtyBitmap(pageCount: bitmap.pageCount)
+        var page = 0
+        while let next = fresh.nextSet(from: page) { keep.set(next); page = next + 1 }
+        carried = keep
+        return fresh.count
     }
 
     // MARK: postcopy
