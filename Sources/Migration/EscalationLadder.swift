@@ -75,16 +75,19 @@ struct EscalationLadder {
         // Judge a step by one whole pass run under it.
         if passesSinceStep < 1 && !nearDeadline(elapsed) { return (.none, "") }
         passesSinceStep = 0
-        if !taken.contains(.xbzrle), let ratio = savings?.xbzrleRatio, ratio < Self.xbzrleWorthIt {
+        // An encoder is ruled out only once the sample has judged it (no sample yet: ask again).
+        if !taken.contains(.xbzrle), let ratio = savings?.xbzrleRatio {
             taken.insert(.xbzrle)
-            return (.enable(.xbzrle), "\(reason); dirtied pages differ in \(Int(ratio * 100))% of their bytes")
+            if ratio < Self.xbzrleWorthIt {
+                return (.enable(.xbzrle), "\(reason); dirtied pages differ in \(Int(ratio * 100))% of their bytes")
+            }
         }
-        taken.insert(.xbzrle)
-        if !taken.contains(.compress), let ratio = savings?.compressionRatio, ratio < Self.compressionWorthIt {
+        if !taken.contains(.compress), let ratio = savings?.compressionRatio {
             taken.insert(.compress)
-            return (.enable(.compress), "\(reason); dirtied pages compress to \(Int(ratio * 100))%")
+            if ratio < Self.compressionWorthIt {
+                return (.enable(.compress), "\(reason); dirtied pages compress to \(Int(ratio * 100))%")
+            }
         }
-        taken.insert(.compress)
         if throttle < settings.throttleMaximum {
             // At least the next step; more when the rates say a pass must shrink by more:
             // dirtying at rate × (1 − t) below half the link makes each pass at least halve.

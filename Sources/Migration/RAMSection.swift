@@ -190,6 +190,7 @@ final class OutgoingRAMSection: PostcopyLiveSection {
         var page = 0
         while let next = fresh.nextSet(from: page) { keep.set(next); page = next + 1 }
         carried = keep
+        probe?.measure(fresh) // a first sample early, so the pass end can judge the encoders
         return fresh.count
     }
 

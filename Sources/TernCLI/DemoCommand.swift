@@ -194,7 +194,9 @@ public enum DemoCommand {
 
     static func passLines(_ path: String) -> [String] {
         let text = (try? String(contentsOfFile: path, encoding: .utf8)) ?? ""
-        return text.split(separator: "\n").map(String.init).filter { $0.hasPrefix("tern-guest: pass ") }
+        // Whole lines only: the guest may be half-way through printing the last one.
+        let complete = text.hasSuffix("\n") ? Substring(text) : text[..<(text.lastIndex(of: "\n") ?? text.startIndex)]
+        return complete.split(separator: "\n").map(String.init).filter { $0.hasPrefix("tern-guest: pass ") }
     }
 
     static func passLineCount(_ path: String) -> Int { passLines(path).count }
