@@ -28,6 +28,8 @@ struct SLOSettings {
     var throttleInitial: Int
     var throttleIncrement: Int
     var throttleMaximum: Int
+    /// The XBZRLE cache escalation would use (`xbzrle-cache-size`).
+    var xbzrleCacheSize: UInt64 = 64 << 20
 }
 
 /// Decides, at each pass end, whether the forecast misses the SLO and which step comes next:
@@ -49,6 +51,7 @@ struct EscalationLadder {
     private(set) var taken: Set<EscalationStep> = []
     private(set) var throttle = 0
     private var passesSinceStep = Int.max
+    private var enabledXBZRLE = false
     /// XBZRLE pays when a page dirtied again differs from its copy in under this share.
     static let xbzrleWorthIt = 0.5
     /// Compression pays when pages shrink below this share.
@@ -78,13 +81,18 @@ struct EscalationLadder {
         // An encoder is ruled out only once the sample has judged it (no sample yet: ask again).
         if !taken.contains(.xbzrle), let ratio = savings?.xbzrleRatio {
             taken.insert(.xbzrle)
-            if ratio < Self.xbzrleWorthIt {
+            // Deltas need the old copy: a working set larger than the cache would thrash it.
+            if ratio < Self.xbzrleWorthIt && forecast.dirtySet <= settings.xbzrleCacheSize {
+                enabledXBZRLE = true
                 return (.enable(.xbzrle), "\(reason); dirtied pages differ in \(Int(ratio * 100))% of their bytes")
             }
         }
         if !taken.contains(.compress), let ratio = savings?.compressionRatio {
             taken.insert(.compress)
-            if ratio < Self.compressionWorthIt {
+            // XBZRLE, once on, takes every page it has a copy of: compression pays only where it
+            // does better than the deltas.
+            let deltas = enabledXBZRLE ? savings?.xbzrleRatio ?? 1 : 1
+            if ratio < Self.compressionWorthIt && ratio < deltas {
                 return (.enable(.compress), "\(reason); dirtied pages compress to \(Int(ratio * 100))%")
             }
         }

@@ -111,11 +111,11 @@ extension OutgoingMigration {
     }
 
     /// The SLO from the parameters, or nil when none is set.
-    static func ladder(_ parameters: MigrationParameters, postcopy: Bool) -> EscalationLadder? {
+    static func ladder(_ parameters: MigrationParameters, postcopy: Bool, cacheSize: UInt64) -> EscalationLadder? {
         guard parameters.sloTotalTime > 0 || parameters.sloDowntime > 0 else { return nil }
         return EscalationLadder(settings: SLOSettings(
             downtimeTarget: parameters.sloDowntime, totalBudget: parameters.sloTotalTime, postcopyAllowed: postcopy,
             throttleInitial: Int(parameters.cpuThrottleInitial), throttleIncrement: Int(parameters.cpuThrottleIncrement),
-            throttleMaximum: Int(parameters.maxCPUThrottle)))
+            throttleMaximum: Int(parameters.maxCPUThrottle), xbzrleCacheSize: cacheSize))
     }
 }

@@ -85,7 +85,7 @@ final class OutgoingMigration: @unchecked Sendable {
     }
 
     private func setUp() throws(MigrationStreamError) {
-        ladder = Self.ladder(controller.parameters, postcopy: plan.postcopy)
+        ladder = Self.ladder(controller.parameters, postcopy: plan.postcopy, cacheSize: controller.xbzrleCacheSize)
         var ramSettings = plan.ramSettings(controller)
         if ladder != nil {
             // Escalation may turn encoders on later: the destination must know them from the start.

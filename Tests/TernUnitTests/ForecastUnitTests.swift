@@ -57,7 +57,7 @@ struct ForecastUnitTests {
     @Test("the ladder's order: encoders that pay, throttle up to the maximum, postcopy, then cancel")
     func order() {
         var ladder = ladder(postcopy: true, maximum: 40)
-        let cheap = PageSavings(xbzrleRatio: 0.1, compressionRatio: 0.3)
+        let cheap = PageSavings(xbzrleRatio: 0.1, compressionRatio: 0.05)
         var actions: [EscalationLadder.Action] = []
         for pass in 0..<8 {
             let (action, _) = ladder.passEnded(missing, elapsed: UInt64(pass) * 100, savings: cheap)
@@ -80,6 +80,17 @@ struct ForecastUnitTests {
         var actions: [EscalationLadder.Action] = []
         for pass in 0..<6 { actions.append(ladder.passEnded(missing, elapsed: UInt64(pass) * 100, savings: useless).0) }
         #expect(actions == [.throttle(50), .throttle(60), .throttle(70), .none, .none, .none])
+    }
+
+    @Test("XBZRLE is skipped when the working set outgrows its cache, and compression when deltas do better")
+    func encoderChoice() {
+        var big = missing
+        big.dirtySet = 128 << 20
+        var ladder = ladder()
+        #expect(ladder.passEnded(big, elapsed: 100, savings: PageSavings(xbzrleRatio: 0.1, compressionRatio: 0.3)).0 == .enable(.compress))
+        var second = self.ladder()
+        #expect(second.passEnded(missing, elapsed: 100, savings: PageSavings(xbzrleRatio: 0.2, compressionRatio: 0.3)).0 == .enable(.xbzrle))
+        #expect(second.passEnded(missing, elapsed: 200, savings: PageSavings(xbzrleRatio: 0.2, compressionRatio: 0.3)).0 == .throttle(50))
     }
 
     @Test("a forecast that meets the budget takes no step; near the budget's end the window check cancels")
