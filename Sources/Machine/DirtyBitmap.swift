@@ -48,6 +48,18 @@ public struct DirtyBitmap: Sendable {
         }
     }
 
+    /// The marked pages as runs of consecutive pages, in order.
+    public var runs: [Range<Int>] {
+        var runs: [Range<Int>] = []
+        var page = 0
+        while let start = nextSet(from: page) {
+            let end = nextClear(from: start)
+            runs.append(start..<end)
+            page = end
+        }
+        return runs
+    }
+
     /// The first page at or after `page` that is not marked (the end of a run).
     public func nextClear(from page: Int) -> Int {
         var current = page

@@ -78,16 +78,7 @@ final class PostcopyDestination: @unchecked Sendable {
 
     /// The lacking pages as runs, for a resumed source.
     func lackingRuns() -> [ReturnPathMessage.PageRun] {
-        state.withLock { state in
-            var runs: [ReturnPathMessage.PageRun] = []
-            var page = 0
-            while let start = state.lacking.nextSet(from: page) {
-                let end = state.lacking.nextClear(from: start)
-                runs.append(.init(offset: UInt64(start) * pageSize, pages: UInt32(end - start)))
-                page = end
-            }
-            return runs
-        }
+        state.withLock { $0.lacking.runs }.map { .init(offset: UInt64($0.lowerBound) * pageSize, pages: UInt32($0.count)) }
     }
 
     /// A new connection after a break: requests go there, and those still outstanding are
@@ -110,28 +101,32 @@ final class PostcopyDestination: @unchecked Sendable {
     /// lacking are left alone: the newest copy is already in place.
     func install(offset: UInt64, count: UInt64, data: UnsafeRawPointer?) throws(MigrationStreamError) {
         let first = Int(offset / pageSize)
-        var page = first
-        let end = first + Int(count)
-        while page < end {
-            // The longest stretch that is lacking, installed with one ioctl.
-            let lacking = state.withLock { $0.lacking.isSet(page) }
-            var stop = page + 1
-            while stop < end, state.withLock({ $0.lacking.isSet(stop) }) == lacking { stop += 1 }
-            if lacking {
-                let at = UInt64(page) * pageSize
-                let length = UInt64(stop - page) * pageSize
-                do {
-                    if let data {
-                        _ = try region.copy(offset: at, from: data + (page - first) * Int(pageSize), length: length)
-                    } else {
-                        _ = try region.zero(offset: at, length: length)
-                    }
-                } catch {
-                    throw MigrationStreamError("installing postcopy pages failed: \(error.description)")
-                }
-                installed(page..<stop)
+        // The stretches of the record still lacking, found under one lock; each goes in with
+        // one ioctl.
+        let stretches = state.withLock { state -> [Range<Int>] in
+            var stretches: [Range<Int>] = []
+            var page = first
+            while page < first + Int(count) {
+                guard state.lacking.isSet(page) else { page += 1; continue }
+                let end = min(state.lacking.nextClear(from: page), first + Int(count))
+                stretches.append(page..<end)
+                page = end
             }
-            page = stop
+            return stretches
+        }
+        for stretch in stretches {
+            let at = UInt64(stretch.lowerBound) * pageSize
+            let length = UInt64(stretch.count) * pageSize
+            do {
+                if let data {
+                    _ = try region.copy(offset: at, from: data + (stretch.lowerBound - first) * Int(pageSize), length: length)
+                } else {
+                    _ = try region.zero(offset: at, length: length)
+                }
+            } catch {
+                throw MigrationStreamError("installing postcopy pages failed: \(error.description)")
+            }
+            installed(stretch)
         }
     }
 

@@ -206,19 +206,12 @@ final class OutgoingRAMSection: PostcopyLiveSection {
     }
 
     private func runs(of bitmap: DirtyBitmap) -> [ReturnPathMessage.PageRun] {
-        var runs: [ReturnPathMessage.PageRun] = []
-        var page = 0
-        while let start = bitmap.nextSet(from: page) {
-            let end = bitmap.nextClear(from: start)
-            var first = start
-            while first < end { // a run's page count is a u32
-                let count = min(end - first, Int(UInt32.max))
-                runs.append(.init(offset: UInt64(first) * pageSize, pages: UInt32(count)))
-                first += count
+        bitmap.runs.flatMap { run in
+            // A run's page count is a u32.
+            stride(from: run.lowerBound, to: run.upperBound, by: Int(UInt32.max)).map { first in
+                ReturnPathMessage.PageRun(offset: UInt64(first) * pageSize, pages: UInt32(min(run.upperBound - first, Int(UInt32.max))))
             }
-            page = end
         }
-        return runs
     }
 
     func sendRequested(_ stream: SectionStream, offset: UInt64, length: UInt64) throws(MigrationStreamError) {
