@@ -99,25 +99,28 @@ final class ReturnPathListener: @unchecked Sendable {
         condition.unlock()
     }
 
-    /// Waits until the reading thread has ended (after the caller shut the socket down), so the
-    /// descriptor can be closed without a reader still on it.
-    func waitUntilClosed() {
-        condition.lock()
-        defer { condition.unlock() }
-        while !state.withLock({ $0.closed }) { _ = condition.wait(until: Date().addingTimeInterval(0.1)) }
-    }
-
-    /// Waits up to `seconds` for the PONG to PING `value`; false if it did not come.
-    func waitForPong(_ value: UInt32, seconds: Double) -> Bool {
+    /// Waits up to `seconds` until `answer` has one (nil: not yet) or the path closes; then
+    /// returns the last answer. Every wait below is this one.
+    private func wait<T: Sendable>(seconds: Double, _ answer: (State) -> T?) -> T? {
         let deadline = Date().addingTimeInterval(seconds)
         condition.lock()
         defer { condition.unlock() }
         while true {
-            let snapshot = state.withLock { ($0.lastPong, $0.closed) }
-            if snapshot.0 == value { return true }
-            if snapshot.1 { return false }
-            if !condition.wait(until: deadline) { return state.withLock { $0.lastPong == value } }
+            let (result, closed) = state.withLock { (answer($0), $0.closed) }
+            if let result { return result }
+            if closed || !condition.wait(until: deadline) { return state.withLock { answer($0) } }
         }
+    }
+
+    /// Waits until the reading thread has ended (after the caller shut the socket down), so the
+    /// descriptor can be closed without a reader still on it.
+    func waitUntilClosed() {
+        while wait(seconds: 0.1, { $0.closed ? true : nil }) == nil {}
+    }
+
+    /// Waits up to `seconds` for the PONG to PING `value`; false if it did not come.
+    func waitForPong(_ value: UInt32, seconds: Double) -> Bool {
+        wait(seconds: seconds) { $0.lastPong == value ? true : nil } ?? false
     }
 
     /// Whether the destination has answered a PING, i.e. it speaks the return path.
@@ -142,41 +145,21 @@ final class ReturnPathListener: @unchecked Sendable {
         }
     }
 
-    /// Sleeps until a message arrives, the path closes, or `seconds` pass.
+    /// Sleeps until a request or the verdict arrives, the path closes, or `seconds` pass.
     func waitForMessage(seconds: Double) {
-        condition.lock()
-        defer { condition.unlock() }
-        let pending = state.withLock { !$0.requests.isEmpty || $0.closed || $0.verdict != nil }
-        if !pending { _ = condition.wait(until: Date().addingTimeInterval(seconds)) }
+        _ = wait(seconds: seconds) { !$0.requests.isEmpty || $0.verdict != nil ? true : nil }
     }
 
     /// Resuming postcopy: waits for RESUME_READY and returns the runs the destination lacks
     /// (nil if the path closed or `seconds` passed first, or the runs do not add up).
     func waitForLacking(seconds: Double) -> [ReturnPathMessage.PageRun]? {
-        let deadline = Date().addingTimeInterval(seconds)
-        condition.lock()
-        defer { condition.unlock() }
-        while true {
-            let snapshot = state.withLock { ($0.resumeReady, $0.closed, $0.lacking) }
-            if let total = snapshot.0 {
-                return snapshot.2.reduce(0) { $0 + UInt64($1.pages) } == total ? snapshot.2 : nil
-            }
-            if snapshot.1 { return nil }
-            if !condition.wait(until: deadline) { return nil }
-        }
+        guard let (runs, total) = wait(seconds: seconds, { state in state.resumeReady.map { (state.lacking, $0) } }) else { return nil }
+        return runs.reduce(0) { $0 + UInt64($1.pages) } == total ? runs : nil
     }
 
     /// Waits up to `seconds` for the verdict; nil if none came (closed or timed out).
     func waitForVerdict(seconds: Double) -> ReturnPathMessage? {
-        let deadline = Date().addingTimeInterval(seconds)
-        condition.lock()
-        defer { condition.unlock() }
-        while true {
-            let snapshot = state.withLock { ($0.verdict, $0.closed) }
-            if let verdict = snapshot.0 { return verdict }
-            if snapshot.1 { return nil }
-            if !condition.wait(until: deadline) { return state.withLock { $0.verdict } }
-        }
+        wait(seconds: seconds) { $0.verdict }
     }
 }
 
