@@ -52,10 +52,7 @@ final class MigrationConnection: @unchecked Sendable {
     /// Returns at once for a descriptor that is not a socket.
     func waitForSendQueue(below bytes: Int32, timeout: Double) {
         let deadline = Date().addingTimeInterval(timeout)
-        var queued: Int32 = 0
-        while ioctl(descriptor, UInt(0x5411) /* SIOCOUTQ */, &queued) == 0, queued >= bytes, Date() < deadline {
-            usleep(200)
-        }
+        while sendQueueBytes >= bytes, Date() < deadline { usleep(200) }
     }
 
     /// Bytes in a socket's send queue that the peer has not yet taken (0 for other descriptors).

@@ -103,7 +103,7 @@ final class OutgoingMigration: @unchecked Sendable {
             observers.append(converge)
         }
         let hasReturnPath = isSocket(connection.descriptor)
-        writer.appendHeader(MigrationStreamFormat.magic + withUnsafeBytes(of: MigrationStreamFormat.version.littleEndian) { Array($0) })
+        writeStreamHeader()
         let configuration = StreamConfiguration(
             ramSize: machine.memory.size, cpuCount: UInt32(machine.configuration.cpuCount),
             deviceSections: machine.stateSectionNames, capabilities: plan.capabilities,
@@ -195,6 +195,11 @@ final class OutgoingMigration: @unchecked Sendable {
             }
         }
         throw LoopFailure(message: "cancelled")
+    }
+
+    /// The magic and version every connection's stream begins with.
+    func writeStreamHeader() {
+        writer.appendHeader(MigrationStreamFormat.magic + withUnsafeBytes(of: MigrationStreamFormat.version.littleEndian) { Array($0) })
     }
 
     /// Lets the backlog reach the destination and be loaded there while the guest still runs;

@@ -172,11 +172,11 @@ extension OutgoingMigration {
             returnPath?.waitUntilClosed()
             _ = connection.close()
             bytesOnEarlierConnections += writer.position
-            guard let fresh = controller.waitForResumeConnection() else { throw LoopFailure(message: reason) }
+            let fresh = controller.waitForResumeConnection()
             connection = fresh
             writer = MigrationStreamWriter(descriptor: fresh.descriptor)
             writer.checksums = plan.checksums
-            writer.appendHeader(MigrationStreamFormat.magic + withUnsafeBytes(of: MigrationStreamFormat.version.littleEndian) { Array($0) })
+            writeStreamHeader()
             writer.record(.resume, required: true) { [machine] writer in
                 writer.append(machine.memory.size)
                 writer.append(UInt32(MigrationStreamFormat.pageSize))
