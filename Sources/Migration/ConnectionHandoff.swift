@@ -7,7 +7,6 @@ final class ConnectionHandoff: @unchecked Sendable {
     // Sendable: `offered` is read and written under `condition`.
     private let condition = NSCondition()
     private var offered: MigrationConnection?
-    private var abandoned = false
 
     func offer(_ connection: MigrationConnection) {
         condition.lock()
@@ -16,20 +15,16 @@ final class ConnectionHandoff: @unchecked Sendable {
         condition.unlock()
     }
 
-    /// Wakes the waiter with nothing: the migration is given up.
-    func abandon() {
-        condition.lock()
-        abandoned = true
-        condition.broadcast()
-        condition.unlock()
-    }
-
-    /// Blocks until a connection is offered (nil if abandoned).
-    func wait() -> MigrationConnection? {
+    /// Blocks until a connection is offered.
+    func wait() -> MigrationConnection {
         condition.lock()
         defer { condition.unlock() }
-        while offered == nil && !abandoned { _ = condition.wait(until: Date().addingTimeInterval(1)) }
-        defer { offered = nil }
-        return offered
+        while true {
+            if let connection = offered {
+                offered = nil
+                return connection
+            }
+            _ = condition.wait(until: Date().addingTimeInterval(1))
+        }
     }
 }

@@ -21,8 +21,8 @@ public struct Escalation: Equatable, Sendable {
 
 /// The operator's targets: `x-slo-downtime` (the stop the switchover may take) and
 /// `x-slo-total-time` (the budget for the whole migration), both in ms.
+/// (The downtime target acts through the switchover test, as the downtime limit does.)
 struct SLOSettings {
-    var downtimeTarget: UInt64
     var totalBudget: UInt64
     var postcopyAllowed: Bool
     var throttleInitial: Int

@@ -335,7 +335,7 @@ public final class MigrationController: @unchecked Sendable {
     }
 
     /// The source thread, paused: blocks until `migrate ... resume` connects.
-    func waitForResumeConnection() -> MigrationConnection? {
+    func waitForResumeConnection() -> MigrationConnection {
         state.withLock { $0.connection = nil }
         return resumeHandoff.wait()
     }
@@ -484,7 +484,7 @@ public final class MigrationController: @unchecked Sendable {
             state.withLock { $0.incomingConnection = nil }
             setIncomingStatus(.postcopyPaused, error: "the connection to the source was lost during postcopy (\(reason)); "
                               + "the guest keeps running and waits for its missing pages: resume with migrate-recover")
-            guard let fresh = recoveryHandoff.wait() else { return nil }
+            let fresh = recoveryHandoff.wait()
             state.withLock { $0.incomingConnection = fresh }
             return fresh.descriptor
         }

@@ -114,7 +114,7 @@ extension OutgoingMigration {
     static func ladder(_ parameters: MigrationParameters, postcopy: Bool, cacheSize: UInt64) -> EscalationLadder? {
         guard parameters.sloTotalTime > 0 || parameters.sloDowntime > 0 else { return nil }
         return EscalationLadder(settings: SLOSettings(
-            downtimeTarget: parameters.sloDowntime, totalBudget: parameters.sloTotalTime, postcopyAllowed: postcopy,
+            totalBudget: parameters.sloTotalTime, postcopyAllowed: postcopy,
             throttleInitial: Int(parameters.cpuThrottleInitial), throttleIncrement: Int(parameters.cpuThrottleIncrement),
             throttleMaximum: Int(parameters.maxCPUThrottle), xbzrleCacheSize: cacheSize))
     }

@@ -47,7 +47,7 @@ struct ForecastUnitTests {
     }
 
     func ladder(budget: UInt64 = 10_000, postcopy: Bool = false, maximum: Int = 99) -> EscalationLadder {
-        EscalationLadder(settings: SLOSettings(downtimeTarget: 0, totalBudget: budget, postcopyAllowed: postcopy,
+        EscalationLadder(settings: SLOSettings(totalBudget: budget, postcopyAllowed: postcopy,
                                                throttleInitial: 20, throttleIncrement: 10, throttleMaximum: maximum))
     }
 
