@@ -878,3 +878,35 @@ class StreamFollower:
             self.ended = True
         if self.on_record is not None:
             self.on_record(kind, body)
+
+
+class EventLog:
+    """The events a qemu.qmp listener has heard so far, in order."""
+
+    def __init__(self, listener):
+        self.listener = listener
+        self.events: list[dict] = []
+
+    def take(self) -> list[dict]:
+        self.events += [dict(event) for event in self.listener.clear()]
+        return self.events
+
+    def statuses(self) -> list[str]:
+        return [e["data"]["status"] for e in self.take() if e["event"] == "MIGRATION"]
+
+    async def wait_for(self, wanted: str, timeout: float = STEP) -> None:
+        deadline = time.monotonic() + timeout
+        while wanted not in self.statuses():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no MIGRATION {wanted} event within {timeout:.0f} s; saw {self.statuses()}")
+            await asyncio.sleep(0.02)
+
+    def passes_before(self, wanted: str) -> list[int]:
+        """The MIGRATION_PASS numbers that came before the first MIGRATION `wanted`."""
+        passes = []
+        for event in self.take():
+            if event["event"] == "MIGRATION" and event["data"]["status"] == wanted:
+                return passes
+            if event["event"] == "MIGRATION_PASS":
+                passes.append(event["data"]["pass"])
+        raise AssertionError(f"no MIGRATION {wanted} event: {self.events}")

@@ -35,6 +35,7 @@ from typing import Iterable, Optional
 import pytest
 
 from migration_support import (
+    EventLog,
     TERN_BINARY, VM, asynctest, execute, execute_error, session, skip_reason, wait_migration, wait_status,
 )
 from tern_harness import check_event_shape
@@ -108,22 +109,11 @@ def step_names(info: dict) -> list[str]:
     return [step["step"] for step in escalations(info)]
 
 
-class Escalations:
+class Escalations(EventLog):
     """X_MIGRATION_ESCALATION events (and MIGRATION statuses) a qemu.qmp listener heard."""
-
-    def __init__(self, listener):
-        self.listener = listener
-        self.events: list[dict] = []
-
-    def take(self) -> list[dict]:
-        self.events += [dict(event) for event in self.listener.clear()]
-        return self.events
 
     def steps(self) -> list[dict]:
         return [event["data"] for event in self.take() if event["event"] == "X_MIGRATION_ESCALATION"]
-
-    def statuses(self) -> list[str]:
-        return [event["data"]["status"] for event in self.take() if event["event"] == "MIGRATION"]
 
     async def settle(self, count: int, timeout: float = 3) -> None:
         """Waits until `count` escalation events have arrived (they may trail query-migrate)."""

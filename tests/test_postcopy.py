@@ -42,6 +42,7 @@ from typing import Callable, Optional
 import pytest
 
 from migration_support import (
+    EventLog,
     CONFIGURATION, END, PING, RP_FAILED, RP_LOADED, RP_PONG, RP_REQ_PAGES, SLOW, STEP, UNLIMITED, VM,
     StreamFollower, asynctest, execute, execute_error, free_tcp_port, request_pages, return_path_message,
     session, skip_reason, status, wait_migration, wait_status,
@@ -87,36 +88,15 @@ RECOVERED_STATUSES = ["setup", "active", "postcopy-active", "postcopy-paused", "
 
 # ----- helpers -------------------------------------------------------------------------------
 
-class EventLog:
-    """The events a qemu.qmp listener has heard so far, in order."""
-
-    def __init__(self, listener):
-        self.listener = listener
-        self.events: list[dict] = []
-
-    def take(self) -> list[dict]:
-        self.events += [dict(event) for event in self.listener.clear()]
-        return self.events
-
-    def statuses(self) -> list[str]:
-        return [e["data"]["status"] for e in self.take() if e["event"] == "MIGRATION"]
-
-    async def wait_for(self, wanted: str, timeout: float = STEP) -> None:
-        deadline = time.monotonic() + timeout
-        while wanted not in self.statuses():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no MIGRATION {wanted} event within {timeout:.0f} s; saw {self.statuses()}")
-            await asyncio.sleep(0.02)
-
-    def passes_before(self, wanted: str) -> list[int]:
-        """The MIGRATION_PASS numbers that came before the first MIGRATION `wanted`."""
-        passes = []
-        for event in self.take():
-            if event["event"] == "MIGRATION" and event["data"]["status"] == wanted:
-                return passes
-            if event["event"] == "MIGRATION_PASS":
-                passes.append(event["data"]["pass"])
-        raise AssertionError(f"no MIGRATION {wanted} event: {self.events}")
+async def check_both_completed(s, d, src: VM, dst: VM, info: dict, incoming: dict, paused: bool) -> None:
+    """Both ends completed as postcopy completes; a paused destination's RAM is the source's,
+    a running one runs on."""
+    await check_source_completed(s, src, info, requests_expected=not paused)
+    check_incoming_completed(incoming, faults_expected=not paused)
+    if paused:
+        await compare_digests_and_continue(s, d, src, dst)
+    else:
+        await wait_status(d, dst, "running")
 
 
 async def listen_for_postcopy(d, dst: VM, uri: str) -> None:
@@ -294,12 +274,7 @@ async def test_postcopy_completes(launch, transport, smp, paused):
             assert before <= passes[-1] <= max(before, after) + 1, \
                 (f"postcopy was requested after pass {before}, so the switch comes at once (QEMU's loop checks "
                  f"the request at every iteration); the passes before it were {passes}")
-            await check_source_completed(s, src, info, requests_expected=not paused)
-            check_incoming_completed(incoming, faults_expected=not paused)
-            if paused:
-                await compare_digests_and_continue(s, d, src, dst)
-            else:
-                await wait_status(d, dst, "running")
+            await check_both_completed(s, d, src, dst, info, incoming, paused)
     await check_destination_guest(src, dst)
 
 
@@ -646,12 +621,7 @@ async def test_link_cut_and_recovery(launch, destination):
                 assert source_log.statuses() == RECOVERED_STATUSES, f"source MIGRATION statuses: {source_log.events}"
                 assert destination_log.statuses() == RECOVERED_STATUSES, \
                     f"destination MIGRATION statuses: {destination_log.events}"
-                await check_source_completed(s, src, info, requests_expected=not paused)
-                check_incoming_completed(incoming, faults_expected=not paused)
-                if paused:
-                    await compare_digests_and_continue(s, d, src, dst)
-                else:
-                    await wait_status(d, dst, "running")
+                await check_both_completed(s, d, src, dst, info, incoming, paused)
         await check_destination_guest(src, dst)
     finally:
         if proxy is not None:
