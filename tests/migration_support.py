@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import os
 import shutil
 import signal
@@ -137,6 +138,25 @@ class VM(TernOutput):
         assert first > after_pass, (f"{self.label}'s first pass line is {first}, but the source had printed "
                                     f"{after_pass} already" + self.diagnostics())
         self.assert_healthy()
+
+    async def vcpu_busy_fraction(self, seconds: float = 2.0) -> float:
+        """The share of `seconds` of wall time the vCPU threads (named vcpuN) spent on a CPU,
+        averaged over them: near 1 for the built-in guest, which spins while it paces itself."""
+        def ticks() -> tuple[int, int]:
+            total, count = 0, 0
+            for task in glob.glob(f"/proc/{self.pid}/task/*"):
+                with contextlib.suppress(OSError):
+                    if open(f"{task}/comm").read().strip().startswith("vcpu"):
+                        fields = open(f"{task}/stat").read().rsplit(")", 1)[1].split()
+                        total += int(fields[11]) + int(fields[12])  # utime + stime
+                        count += 1
+            return total, count
+        before, count = ticks()
+        assert count > 0, f"no vcpuN thread in /proc/{self.pid}/task" + self.diagnostics()
+        started = time.monotonic()
+        await asyncio.sleep(seconds)
+        after, _ = ticks()
+        return (after - before) / os.sysconf("SC_CLK_TCK") / (time.monotonic() - started) / count
 
     # ----- teardown -------------------------------------------------------------------------
 

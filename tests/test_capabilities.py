@@ -412,10 +412,10 @@ async def test_auto_converge_cancel_restores_speed(launch, ending):
             info = await execute(s, "query-migrate")
         check_throttle_members(info)
         assert info["cpu-throttle-percentage"] == 90, f"cpu-throttle-initial 90 is the first step and the cap: {info}"
-        # The guest slows down: a pass line well below its rate.
-        before = len(rates(src))
-        await src.until(lambda: any(r < AUTO_CONVERGE_RATE / 2 for r in rates(src)[before:]),
-                        "a throttled pass line from the source's guest", timeout=10)
+        # The vCPU is out of the guest 90% of the time. (The guest's own pass rate shows it only
+        # loosely: it catches up after each sleep, and a CI machine ran it at 16-20 MiB/s at 90%.)
+        busy = await src.vcpu_busy_fraction(2.0)
+        assert busy < 0.35, f"throttled to 90%, the vCPU still ran {busy:.0%} of the time" + src.diagnostics()
         assert (await execute(s, "query-migrate"))["status"] == "active"
         if ending == "cancel":
             assert await execute(s, "migrate_cancel") == {}
@@ -426,6 +426,8 @@ async def test_auto_converge_cancel_restores_speed(launch, ending):
             final = await wait_migration(s, src, wanted=("failed",), timeout=15)
             assert set(final) == {"status", "error-desc"}, f"a failed migration shows no throttle: {final}"
         await wait_status(s, src, "running")
+        busy = await src.vcpu_busy_fraction(1.0)
+        assert busy > 0.6, f"after the {ending} the vCPU ran only {busy:.0%} of the time" + src.diagnostics()
         # The first line after the cancel may still cover throttled time; the two after it not.
         seen = len(rates(src))
         await src.wait_passes(3, after=seen, timeout=10)

@@ -1,7 +1,8 @@
-// The one piece of the shim that is a function body: sigaction's handler is a union member
-// that Swift cannot set portably.
+// The pieces of the shim that are function bodies: what Swift cannot call or set portably
+// (sigaction's handler union, variadic prctl, gettid).
 #include "CKVM.h"
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -25,4 +26,8 @@ int ckvm_unblock_signal(int signal_number) {
 
 int ckvm_thread_id(void) {
     return (int)syscall(SYS_gettid);
+}
+
+int ckvm_set_thread_name(const char *name) {
+    return prctl(PR_SET_NAME, (unsigned long)name, 0, 0, 0);
 }

@@ -60,6 +60,9 @@ final class VCPUThread: @unchecked Sendable {
 
     private func main() {
         _ = ckvm_unblock_signal(Self.kickSignal)
+        // The kernel's name for the thread (ps, top, /proc/PID/task/*/comm), as QEMU's
+        // debug-threads=on gives: tools and tests find a vCPU's CPU time by it.
+        _ = ckvm_set_thread_name("vcpu\(vcpu.id)")
         condition.lock()
         pthread = pthread_self()
         threadID = ckvm_thread_id()

@@ -134,6 +134,10 @@ int ckvm_unblock_signal(int signal_number);
 /// The calling thread's kernel id (gettid), which Glibc does not export to Swift.
 int ckvm_thread_id(void);
 
+/// Names the calling thread for the kernel (at most 15 bytes are kept), which Glibc's
+/// pthread_setname_np would do were it exported to Swift.
+int ckvm_set_thread_name(const char *name);
+
 // MARK: layout tripwires
 
 _Static_assert(sizeof(struct kvm_regs) == 144, "kvm_regs layout");
