@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from qemu.qmp import ExecuteError, QMPClient
 
-from tern_harness import PASS_LINE, START_LINE, TERN_BINARY, TernOutput, asynctest, free_tcp_port
+from tern_harness import PASS_LINE, START_LINE, TERN_BINARY, TernOutput, asynctest, free_tcp_port, proc_kib
 from tern_harness import skip_reason as harness_skip_reason
 
 MEMORY = "128M"
@@ -138,6 +138,9 @@ class VM(TernOutput):
         assert first > after_pass, (f"{self.label}'s first pass line is {first}, but the source had printed "
                                     f"{after_pass} already" + self.diagnostics())
         self.assert_healthy()
+
+    def rss_kib(self) -> int:
+        return proc_kib(self.pid, "VmRSS")
 
     async def vcpu_busy_fraction(self, seconds: float = 2.0) -> float:
         """The share of `seconds` of wall time the vCPU threads (named vcpuN) spent on a CPU,

@@ -10,7 +10,7 @@ import Synchronization
 /// `pause()` returns only when every vCPU is out of KVM_RUN; `waitUntilEnded()` blocks until
 /// the guest resets, shuts down, fails, or the user quits.
 public final class Machine: @unchecked Sendable {
-    // Sendable: fixed after init except `threads` (set once in start) and the mutex-guarded state.
+    // Sendable: fixed after init except the mutex-guarded thread list and state.
     public let configuration: MachineConfiguration
     public let hostFlavor: KVMHostFlavor
     public let memory: GuestMemory
@@ -25,7 +25,11 @@ public final class Machine: @unchecked Sendable {
     let serial: Serial16550
     let keyboardController: I8042Controller
     let console: SerialConsole
-    private var threads: [VCPUThread] = []
+    private let threadList = Mutex<[VCPUThread]>([])
+    /// The vCPU threads (empty until `start`).
+    private var threads: [VCPUThread] { threadList.withLock { $0 } }
+    /// Orders every request that changes the machine's life; see `LifecycleQueue`.
+    let lifecycleQueue = LifecycleQueue()
     private let cpuThrottle = CPUThrottle()
     private let startedCondition = NSCondition()
     private var started = false
@@ -33,6 +37,9 @@ public final class Machine: @unchecked Sendable {
     struct LifecycleState {
         var runState: RunState
         var ending: MachineEnding?
+        /// A `stop` arrived while a migration's switchover had the vCPUs stopped: if the
+        /// migration fails, the guest stays paused instead of running again.
+        var stopRequestedDuringSwitchover = false
     }
     private let lifecycle: Mutex<LifecycleState>
     private let endingCondition = NSCondition()
@@ -146,14 +153,17 @@ public final class Machine: @unchecked Sendable {
 
     /// Launches one thread per vCPU; they run at once unless the machine was created paused.
     public func start() {
-        let paused = !runState.isRunning
-        threads = vcpus.map { vcpu in
-            VCPUThread(vcpu: vcpu, startPaused: paused) { [unowned self] vcpu, exit in
-                self.handle(exit, on: vcpu)
+        lifecycleQueue.run {
+            let paused = !runState.isRunning
+            let created = vcpus.map { vcpu in
+                VCPUThread(vcpu: vcpu, startPaused: paused) { [unowned self] vcpu, exit in
+                    self.handle(exit, on: vcpu)
+                }
             }
+            created.forEach { $0.start() }
+            threadList.withLock { $0 = created }
+            cpuThrottle.attach(created)
         }
-        threads.forEach { $0.start() }
-        cpuThrottle.attach(threads)
         startedCondition.lock()
         started = true
         startedCondition.broadcast()
@@ -182,42 +192,75 @@ public final class Machine: @unchecked Sendable {
 
     /// Stops every vCPU and returns when all are outside KVM_RUN; the machine is then in
     /// `state` (`paused`, or `finish-migrate` for a migration's last copy). From a state that
-    /// is not running, only the state changes. Returns whether the vCPUs were running.
+    /// is not running, only the state changes (a `stop` does not undo `finish-migrate`).
+    /// Returns whether the vCPUs were running.
     @discardableResult
     public func pause(to state: RunState = .paused) -> Bool {
-        let wasRunning = lifecycle.withLock { lifecycle -> Bool? in
-            guard lifecycle.ending == nil else { return nil }
-            let running = lifecycle.runState == .running
-            if running || state != .paused { lifecycle.runState = state }
-            return running
+        lifecycleQueue.run {
+            let wasRunning = lifecycle.withLock { lifecycle -> Bool? in
+                guard lifecycle.ending == nil else { return nil }
+                let running = lifecycle.runState == .running
+                if state == .paused && lifecycle.runState == .finishMigrate { lifecycle.stopRequestedDuringSwitchover = true }
+                if state == .finishMigrate { lifecycle.stopRequestedDuringSwitchover = false }
+                if running || (state != .paused && lifecycle.runState != state) { lifecycle.runState = state }
+                return running
+            }
+            guard let wasRunning else { return false }
+            if wasRunning {
+                threads.forEach { $0.pause() }
+                events.notify(.runStateChanged(state))
+            }
+            return wasRunning
         }
-        guard let wasRunning else { return false }
-        if wasRunning {
-            threads.forEach { $0.pause() }
-            events.notify(.runStateChanged(state))
-        }
-        return wasRunning
     }
 
     /// Sets a run state that involves no vCPU change (e.g. `postmigrate` after `finish-migrate`,
     /// or `paused` once an incoming migration has loaded with `-S`).
     public func setStoppedState(_ state: RunState) {
         precondition(!state.isRunning, "use resume() to run")
-        lifecycle.withLock { if $0.ending == nil { $0.runState = state } }
+        lifecycleQueue.run {
+            lifecycle.withLock { if $0.ending == nil && !$0.runState.isRunning { $0.runState = state } }
+        }
+    }
+
+    /// Ends a migration's switchover that did not complete: the machine leaves `finish-migrate`
+    /// for `paused`, and runs again if `resume` (its guest was running when the migration
+    /// stopped it) unless a `stop` arrived meanwhile. Returns whether the vCPUs run again.
+    @discardableResult
+    public func endFailedSwitchover(resume: Bool) -> Bool {
+        lifecycleQueue.run {
+            let stopRequested = lifecycle.withLock { state -> Bool? in
+                guard state.ending == nil, state.runState == .finishMigrate else { return nil }
+                state.runState = .paused
+                defer { state.stopRequestedDuringSwitchover = false }
+                return state.stopRequestedDuringSwitchover
+            }
+            guard let stopRequested, resume else { return false }
+            if stopRequested {
+                events.notify(.runStateChanged(.paused))
+                return false
+            }
+            return self.resume()
+        }
     }
 
     /// Lets the vCPUs run again from a state that allows it (`paused`, `prelaunch`,
     /// `postmigrate`, and `inmigrate` once the incoming state has loaded).
-    public func resume(fromIncomingMigration: Bool = false) {
-        let changed = lifecycle.withLock { state -> Bool in
-            guard state.ending == nil else { return false }
-            guard state.runState.canResume || (fromIncomingMigration && state.runState == .inmigrate) else { return false }
-            state.runState = .running
+    /// Returns whether the vCPUs were started (false when already running or not allowed).
+    @discardableResult
+    public func resume(fromIncomingMigration: Bool = false) -> Bool {
+        lifecycleQueue.run {
+            let changed = lifecycle.withLock { state -> Bool in
+                guard state.ending == nil else { return false }
+                guard state.runState.canResume || (fromIncomingMigration && state.runState == .inmigrate) else { return false }
+                state.runState = .running
+                return true
+            }
+            guard changed else { return false }
+            threads.forEach { $0.resume() }
+            events.notify(.runStateChanged(.running))
             return true
         }
-        guard changed else { return }
-        threads.forEach { $0.resume() }
-        events.notify(.runStateChanged(.running))
     }
 
     /// Ends the machine for good: records why (the first reason wins), stops every vCPU thread
@@ -254,11 +297,25 @@ public final class Machine: @unchecked Sendable {
 
     /// Resets the machine as a power cycle would, without ending it: every vCPU back to its
     /// boot state and the boot image loaded again, then running again if it was running.
-    /// RAM keeps its contents, as on a real reset.
+    /// RAM keeps its contents, as on a real reset. Refused while the guest's memory and state
+    /// belong to a migration (`inmigrate`, `finish-migrate`) or after the machine has ended.
     public func reset() throws(MachineError) {
+        try lifecycleQueue.run { () throws(MachineError) in try resetInTurn() }
+    }
+
+    private func resetInTurn() throws(MachineError) {
+        switch runState {
+        case .inmigrate:
+            throw .refused("the machine is waiting for an incoming migration")
+        case .finishMigrate:
+            throw .refused("the machine is stopped for a migration's switchover (finish-migrate); try again once the migration has completed or failed")
+        case .shutdown, .internalError:
+            throw .refused("the machine has ended")
+        default:
+            break
+        }
         threads.forEach { $0.pause() }
         defer { if runState == .running { threads.forEach { $0.resume() } } }
-        if runState == .inmigrate { throw .invalidConfiguration("the machine is waiting for an incoming migration") }
         let plan = try loadBootImage(configuration: configuration, into: memory)
         let count = configuration.cpuCount
         for (index, thread) in threads.enumerated() {
@@ -273,7 +330,11 @@ public final class Machine: @unchecked Sendable {
                     return error
                 }
             }
-            if let failure { throw .kvm(failure) }
+            switch failure {
+            case .none: throw .refused("the machine ended during the reset")
+            case let .some(.some(error)): throw .kvm(error)
+            case .some(.none): break
+            }
         }
         events.notify(.reset(byGuest: false))
     }

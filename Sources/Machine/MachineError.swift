@@ -14,6 +14,8 @@ public enum MachineError: Error, CustomStringConvertible {
     case serial(path: String, reason: String)
     case invalidConfiguration(String)
     case invariantTSCUnavailable
+    /// A request the machine's present state does not allow (a reset during a switchover).
+    case refused(String)
 
     public var description: String {
         switch self {
@@ -39,6 +41,8 @@ public enum MachineError: Error, CustomStringConvertible {
             return "cannot open serial output '\(path)': \(reason)"
         case let .invalidConfiguration(message):
             return message
+        case let .refused(reason):
+            return reason
         case .invariantTSCUnavailable:
             return "-cpu host,+invtsc: this host's KVM does not offer the invariant TSC"
         }

@@ -18,6 +18,11 @@ extension Machine {
     /// Saves the device state. The vCPUs must be paused (every vCPU is read on its own thread).
     /// `runState` is the state to record for the destination: `running` or `paused`.
     public func saveState(recordedRunState: RunState) throws(MachineError) -> [StateSection] {
+        try lifecycleQueue.run { () throws(MachineError) in try saveStateInTurn(recordedRunState: recordedRunState) }
+    }
+
+    private func saveStateInTurn(recordedRunState: RunState) throws(MachineError) -> [StateSection] {
+        guard !runState.isRunning else { throw .refused("the vCPUs are running: their state can be saved only while they are stopped") }
         var sections: [StateSection] = []
         var run = StateWriter()
         run.append(UInt8(recordedRunState == .running ? 1 : 0))
@@ -46,8 +51,9 @@ extension Machine {
                 do throws(KVMError) { return .success(try VCPUState.save(vcpu, msrIndices: msrs)) } catch { return .failure(error) }
             }
             switch result {
-            case let .success(state): sections.append(state.encode(index: index))
-            case let .failure(error): throw .kvm(error)
+            case let .success(state)?: sections.append(state.encode(index: index))
+            case let .failure(error)?: throw .kvm(error)
+            case nil: throw .refused("vCPU \(index) has stopped for good (the machine ended)")
             }
         }
         return sections
@@ -56,6 +62,11 @@ extension Machine {
     /// Loads device state saved by `saveState`, checking every section before applying any.
     /// The vCPUs must be paused. Returns the run state the source recorded.
     public func loadState(_ sections: [StateSection]) throws(StateLoadError) -> RunState {
+        try lifecycleQueue.run { () throws(StateLoadError) in try loadStateInTurn(sections) }
+    }
+
+    private func loadStateInTurn(_ sections: [StateSection]) throws(StateLoadError) -> RunState {
+        guard !runState.isRunning else { throw StateLoadError("the vCPUs are running: state can be loaded only into a stopped machine") }
         var byName: [String: StateSection] = [:]
         for section in sections {
             guard byName[section.name] == nil else { throw StateLoadError("section '\(section.name)' appears twice") }
@@ -106,7 +117,11 @@ extension Machine {
             let failure = thread.perform { vcpu -> KVMError? in
                 do throws(KVMError) { try state.restore(to: vcpu); return nil } catch { return error }
             }
-            if let failure { throw StateLoadError("KVM refused vCPU \(thread.vcpu.id)'s state: \(failure)") }
+            switch failure {
+            case nil: throw StateLoadError("vCPU \(thread.vcpu.id) has stopped for good (the machine ended)")
+            case let .some(.some(error)): throw StateLoadError("KVM refused vCPU \(thread.vcpu.id)'s state: \(error)")
+            case .some(.none): break
+            }
         }
         return wasRunning ? .running : .paused
     }

@@ -69,8 +69,21 @@ final class VCPUThread: @unchecked Sendable {
         condition.broadcast()
         condition.unlock()
 
+        // KVM finishes an I/O or MMIO exit (the value an IN reads, the step past the
+        // instruction) only when KVM_RUN is entered again; until then the registers are half-way.
+        // Before parking, where others read or replace the registers (migration, reset), the
+        // thread re-enters once with immediate_exit set, which completes the exit and runs no
+        // guest instruction (the KVM API's advice before saving state).
+        var exitPending = false
         loop: while true {
             condition.lock()
+            if request == .pause && exitPending {
+                condition.unlock()
+                vcpu.requestImmediateExit(true)
+                _ = try? vcpu.run()
+                exitPending = false
+                condition.lock()
+            }
             while request == .pause {
                 parked = true
                 if let work = pendingWork {
@@ -107,6 +120,7 @@ final class VCPUThread: @unchecked Sendable {
             }
             if case .interrupted = exit { continue }
             if handleExit(vcpu, exit) == .stop { break loop }
+            exitPending = true
         }
 
         condition.lock()
@@ -165,18 +179,25 @@ final class VCPUThread: @unchecked Sendable {
         condition.unlock()
     }
 
-    /// Runs `work` on this vCPU's own thread while it is paused, and returns its result.
-    /// The vCPU must be paused (`pause()` returned) and stays paused.
-    func perform<T: Sendable>(_ work: @escaping @Sendable (VCPU) -> T) -> T {
+    /// Runs `work` on this vCPU's own thread while it is paused, and returns its result; nil
+    /// when the thread has stopped for good (the machine ended) or is not paused. The vCPU
+    /// stays paused. Requests are served one at a time.
+    func perform<T: Sendable>(_ work: @escaping @Sendable (VCPU) -> T) -> T? {
         let result = Mutex<T?>(nil)
         let box = ResultBox(result)
         condition.lock()
-        precondition(parked && request == .pause, "perform(_:) needs a paused vCPU")
+        defer { condition.unlock() }
+        while pendingWork != nil && !finished { condition.wait() }
+        guard !finished, parked, request == .pause else { return nil }
         pendingWork = { vcpu in box.mutex.withLock { $0 = work(vcpu) } }
         condition.broadcast()
-        while pendingWork != nil { condition.wait() }
-        condition.unlock()
-        return box.mutex.withLock { $0! }
+        var served = false
+        while !served {
+            if finished { pendingWork = nil; break }
+            condition.wait()
+            served = pendingWork == nil
+        }
+        return box.mutex.withLock { $0 }
     }
 
 }

@@ -1,5 +1,6 @@
 import CSocket
 import Foundation
+import Synchronization
 
 /// Where a migration goes or comes from, parsed from QEMU's URI syntax.
 public enum MigrationURI: Equatable, Sendable {
@@ -36,10 +37,12 @@ public enum MigrationURI: Equatable, Sendable {
 /// An open migration channel: the descriptor to read or write, and the child process behind
 /// an `exec:` URI, reaped when the channel closes.
 final class MigrationConnection: @unchecked Sendable {
-    // Sendable: `descriptor` is fixed; `close` is called once by the owning thread, `shutdown`
-    // may come from a canceller (it only unblocks I/O).
+    // Sendable: `descriptor` is fixed; whether it is still open is guarded by `open`, so a
+    // canceller's `shutdownIO` never reaches a number that `close` gave back to the kernel
+    // (and that may by now be a QMP client's socket).
     let descriptor: Int32
     private let child: Process?
+    private let open = Mutex(true)
 
     init(descriptor: Int32, child: Process? = nil) {
         self.descriptor = descriptor
@@ -62,14 +65,23 @@ final class MigrationConnection: @unchecked Sendable {
     }
 
     /// Unblocks a read or write stuck on a dead or slow peer (used by migrate_cancel).
+    /// Does nothing once the channel is closed.
     func shutdownIO() {
-        Foundation.shutdown(descriptor, Int32(SHUT_RDWR))
+        open.withLock { isOpen in
+            if isOpen { _ = Foundation.shutdown(descriptor, Int32(SHUT_RDWR)) }
+        }
     }
 
     /// Closes the channel; for `exec:`, waits for the command and reports a failure exit.
+    /// Only the first call closes; later ones return nil.
     func close() -> MigrationStreamError? {
-        Foundation.close(descriptor)
-        guard let child else { return nil }
+        let closed = open.withLock { isOpen -> Bool in
+            guard isOpen else { return false }
+            isOpen = false
+            Foundation.close(descriptor)
+            return true
+        }
+        guard closed, let child else { return nil }
         child.waitUntilExit()
         if child.terminationStatus != 0 {
             return MigrationStreamError("the migration command exited with status \(child.terminationStatus)")
@@ -122,7 +134,7 @@ final class MigrationConnection: @unchecked Sendable {
 /// The destination's listening end for `-incoming tcp:` and `unix:`: bound at once (so errors
 /// show at start-up), accepting one connection.
 final class IncomingListener: @unchecked Sendable {
-    // Sendable: the descriptor is fixed; `cancel` only closes it.
+    // Sendable: the descriptor is fixed; only `accept`, called once, closes it.
     let descriptor: Int32
     let uri: MigrationURI
 

@@ -318,10 +318,7 @@ final class OutgoingMigration: @unchecked Sendable {
             _ = controller.transition(from: status, to: .completed)
             return
         }
-        if let wasRunning {
-            machine.setStoppedState(.paused)
-            if wasRunning { machine.resume() }
-        }
+        if let wasRunning { machine.endFailedSwitchover(resume: wasRunning) }
         if status == .cancelling {
             flushStatistics()
             _ = controller.transition(from: .cancelling, to: .cancelled)

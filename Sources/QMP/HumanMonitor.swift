@@ -38,7 +38,7 @@ extension QMPStandardCommands {
                 machine.pause()
                 return ""
             case "cont", "c":
-                machine.resume()
+                do throws(QMPError) { try QMPStandardCommands.cont(context) } catch { return .string("\(error.description)\r\n") }
                 return ""
             case "system_reset":
                 do { try machine.reset() } catch { return .string("system_reset failed: \(error)\r\n") }

@@ -17,17 +17,8 @@ enum QMPStandardCommands {
                 return .object([:])
             },
             QMPCommand("cont") { _ throws(QMPError) in
-                switch machine.runState {
-                case .shutdown, .internalError:
-                    throw .generic("Resetting the Virtual Machine is required")
-                case .inmigrate:
-                    // As QEMU: run as soon as the incoming migration has loaded.
-                    _ = context.migration?.requestAutostart()
-                    return .object([:])
-                default:
-                    machine.resume()
-                    return .object([:])
-                }
+                try cont(context)
+                return .object([:])
             },
             QMPCommand("system_reset") { _ throws(QMPError) in
                 do {
@@ -42,6 +33,23 @@ enum QMPStandardCommands {
                 return .object([:])
             },
         ]
+    }
+
+    /// `cont` for QMP and HMP: runs the vCPUs from any stopped state that allows it, and says
+    /// why not otherwise (already running is not an error, as in QEMU).
+    static func cont(_ context: QMPContext) throws(QMPError) {
+        let machine = context.machine
+        switch machine.runState {
+        case .shutdown, .internalError:
+            throw .generic("Resetting the Virtual Machine is required")
+        case .inmigrate:
+            // As QEMU: run as soon as the incoming migration has loaded.
+            _ = context.migration?.requestAutostart()
+        default:
+            if !machine.resume() && machine.runState == .finishMigrate {
+                throw .generic("The guest is stopped for a migration's switchover (finish-migrate): it can run again once the migration completes or fails")
+            }
+        }
     }
 
     static func queries(_ context: QMPContext) -> [QMPCommand] {
