@@ -222,3 +222,34 @@ def test_many_sequential_clients(tern):
             break
         time.sleep(0.1)
     assert fds_after - fds_before < 3, f"tern went from {fds_before} to {fds_after} fds after 50 clients: a leak"
+
+
+def test_client_limit_refuses_with_a_reason(tern):
+    """Sixteen clients at once are served; the seventeenth reads a QMP error saying why and is
+    disconnected (each client costs tern a thread); once one leaves, a new one is served."""
+    clients = [raw_session(tern.address) for _ in range(16)]
+    try:
+        extra = RawQMP(tern.address)
+        try:
+            refusal = extra.read_message()
+            error = assert_error(refusal, "GenericError")
+            assert "too many QMP clients" in error["desc"] and "16" in error["desc"], refusal
+            with pytest.raises((EOFError, ConnectionResetError)):
+                extra.read_message(timeout=2)
+        finally:
+            extra.sock.close()
+        clients.pop().sock.close()
+        deadline = time.monotonic() + 5
+        while True:  # the server notices the close when that client's thread reads EOF
+            try:
+                server_still_works(tern)
+                break
+            except (AssertionError, EOFError, KeyError):
+                assert time.monotonic() < deadline, "no client was served after one of sixteen left"
+                time.sleep(0.1)
+        for client in clients:
+            reply = client.command("query-status", id="still")
+            assert reply.get("id") == "still" and "return" in reply, reply
+    finally:
+        for client in clients:
+            client.sock.close()

@@ -90,6 +90,11 @@ public struct BzImage: Sendable {
         self.initrdAddressMax = bytes.littleEndian(UInt32.self, at: Offset.initrdAddressMax)!
         self.commandLineSize = bytes.littleEndian(UInt32.self, at: Offset.commandLineSize)!
         self.preferredAddress = bytes.littleEndian(UInt64.self, at: Offset.preferredAddress)!
+        // x86-64 physical addresses have at most 52 bits; the load address and everything
+        // computed from it stay far from overflow below that.
+        guard preferredAddress < 1 << 52 else {
+            throw .notBzImage(path: path, reason: "pref_address 0x\(String(preferredAddress, radix: 16)) is beyond any physical address")
+        }
         self.kernelAlignment = bytes.littleEndian(UInt32.self, at: Offset.kernelAlignment)!
         self.initSize = bytes.littleEndian(UInt32.self, at: Offset.initSize)!
         self.isRelocatable = bytes[Offset.relocatable] != 0

@@ -47,6 +47,9 @@ public struct ElfKernel: Sendable {
             guard offset <= UInt64(bytes.count), fileSize <= UInt64(bytes.count) - offset, fileSize <= memorySize else {
                 throw refuse("segment \(index) lies outside the file")
             }
+            guard !physical.addingReportingOverflow(memorySize).overflow else {
+                throw refuse("segment \(index)'s addresses wrap around (0x\(String(physical, radix: 16)) + 0x\(String(memorySize, radix: 16)))")
+            }
             segments.append(Segment(physicalAddress: physical, fileOffset: Int(offset), fileSize: Int(fileSize),
                                     memorySize: memorySize))
         }
@@ -56,13 +59,13 @@ public struct ElfKernel: Sendable {
         self.segments = segments
     }
 
-    /// The highest physical address any segment occupies.
+    /// The highest physical address any segment occupies (`init` refused segments that wrap).
     public var end: UInt64 {
         segments.map { $0.physicalAddress + $0.memorySize }.max() ?? 0
     }
 
-    /// Copies every segment to its physical address; the rest of each segment (bss) is left as
-    /// the zeroes of fresh guest memory.
+    /// Copies every segment to its physical address and zeroes the rest of it (bss): after a
+    /// reset, guest memory still holds what the guest left there.
     public func load(into memory: GuestMemory) throws(GuestMemoryError) {
         for segment in segments {
             let destination = try memory.pointer(at: GuestAddress(segment.physicalAddress), length: segment.memorySize,
@@ -70,6 +73,8 @@ public struct ElfKernel: Sendable {
             bytes.withUnsafeBytes { source in
                 destination.copyMemory(from: source.baseAddress! + segment.fileOffset, byteCount: segment.fileSize)
             }
+            (destination + segment.fileSize).initializeMemory(as: UInt8.self, repeating: 0,
+                                                              count: Int(segment.memorySize) - segment.fileSize)
         }
     }
 }

@@ -3,12 +3,14 @@ import Foundation
 /// Loads a Linux bzImage, its initrd and command line for the 64-bit boot protocol
 /// (Documentation/arch/x86/boot.rst, "64-bit Boot Protocol").
 public enum LinuxLoader {
+    /// A bzImage is tens of MiB; anything near this is not a kernel.
+    static let maximumKernelFileSize = 512 << 20
     /// Reads and loads the kernel into `memory`, returning where the boot CPU starts.
     public static func load(kernelPath: String, initrdPath: String?, arguments: String?, cpuCount: Int,
                             into memory: GuestMemory) throws(MachineError) -> BootPlan {
         let kernelBytes: [UInt8]
         do {
-            kernelBytes = try readFile(kernelPath)
+            kernelBytes = try readFile(kernelPath, maximumSize: Self.maximumKernelFileSize)
         } catch {
             throw .kernel(.unreadable(path: kernelPath, reason: error.reason))
         }
@@ -39,7 +41,7 @@ public enum LinuxLoader {
 
         if let initrdPath {
             let initrd: [UInt8]
-            do { initrd = try readFile(initrdPath) } catch {
+            do { initrd = try readFile(initrdPath, maximumSize: Int(lowMemory)) } catch {
                 throw .initrd(path: initrdPath, reason: error.reason)
             }
             // As high as allowed, page aligned, below both the RAM top and initrd_addr_max.
@@ -73,13 +75,17 @@ struct FileReadError: Error {
 }
 
 /// Reads a whole file, with an errno-based reason on failure (Foundation's messages vary).
-func readFile(_ path: String) throws(FileReadError) -> [UInt8] {
+/// Refuses, before reading anything, a file larger than `maximumSize`.
+func readFile(_ path: String, maximumSize: Int) throws(FileReadError) -> [UInt8] {
     let fd = open(path, O_RDONLY | O_CLOEXEC)
     guard fd >= 0 else { throw FileReadError(reason: String(cString: strerror(errno))) }
     defer { close(fd) }
     var info = stat()
     guard fstat(fd, &info) == 0 else { throw FileReadError(reason: String(cString: strerror(errno))) }
     guard info.st_mode & S_IFMT == S_IFREG else { throw FileReadError(reason: "not a regular file") }
+    guard info.st_size <= maximumSize else {
+        throw FileReadError(reason: "it is \(info.st_size >> 20) MiB, more than the \(maximumSize >> 20) MiB that can be loaded")
+    }
     var bytes = [UInt8](repeating: 0, count: Int(info.st_size))
     var done = 0
     while done < bytes.count {

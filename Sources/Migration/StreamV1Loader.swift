@@ -26,6 +26,7 @@ final class StreamV1Loader {
     func load(progress: (IncomingStatistics) -> Void) throws(MigrationStreamError) -> RunState {
         var layoutSeen = false
         var sections: [StateSection] = []
+        var deviceBytesHeld = 0
         var pagesReceived: UInt64 = 0
         var recordCount = 0
         while true {
@@ -84,6 +85,12 @@ final class StreamV1Loader {
                 guard sections.count < MigrationStreamFormat.maximumDeviceSections else {
                     throw MigrationStreamError("more than \(MigrationStreamFormat.maximumDeviceSections) device sections")
                 }
+                // The same total cap as version 2: 1,024 sections of 1 MiB would otherwise be
+                // 1 GiB held before any name is checked.
+                guard deviceBytesHeld + Int(length) <= MigrationStreamFormat.maximumDeviceStateBytes else {
+                    throw MigrationStreamError("the stream carries more device state than any machine has (\(sections.count) sections, \(deviceBytesHeld) bytes)")
+                }
+                deviceBytesHeld += Int(length)
                 sections.append(StateSection(name: name, version: sectionVersion, payload: try reader.readBytes(Int(length))))
             case .sourceStopped:
                 sourceStoppedAt = try reader.read(UInt64.self)

@@ -106,7 +106,17 @@ public final class QMPServer: @unchecked Sendable {
             }
             _ = csocket_set_send_timeout(client, 5)
             let session = QMPSession(descriptor: client, server: self)
-            sessions.withLock { $0[ObjectIdentifier(session)] = session }
+            let admitted = sessions.withLock { sessions -> Bool in
+                guard sessions.count < Self.maximumClients else { return false }
+                sessions[ObjectIdentifier(session)] = session
+                return true
+            }
+            guard admitted else {
+                // Each client costs a thread and buffers: refuse with a QMP error the client
+                // can read, then close, instead of growing without bound.
+                refuse(client)
+                continue
+            }
             firstClient.lock()
             clientsSeen += 1
             firstClient.broadcast()
@@ -118,6 +128,15 @@ public final class QMPServer: @unchecked Sendable {
             thread.name = "qmp-client"
             thread.start()
         }
+    }
+
+    /// How many clients may be connected at once, over all endpoints.
+    public static let maximumClients = 16
+
+    private func refuse(_ client: Int32) {
+        let line = #"{"error": {"class": "GenericError", "desc": "too many QMP clients: tern serves at most \#(Self.maximumClients) at once; close one and connect again"}}"# + "\r\n"
+        _ = line.utf8CString.withUnsafeBufferPointer { send(client, $0.baseAddress, $0.count - 1, Int32(MSG_NOSIGNAL)) }
+        close(client)
     }
 
     /// Runs one command under the dispatch lock.
