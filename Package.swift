@@ -41,3 +41,12 @@ let package = Package(
     ],
     swiftLanguageModes: [.v6]
 )
+
+// libFuzzer targets (Sources/tern-fuzz), only when scripts/fuzz builds them with
+// -sanitize=fuzzer: without libFuzzer the executable cannot link.
+if Context.environment["TERN_FUZZ"] != nil {
+    package.targets.append(.target(name: "CFuzzDriver"))
+    package.targets.append(.executableTarget(
+        name: "tern-fuzz", dependencies: ["Migration", "Machine", "QMP", "CGuestMemory", "CPageCodec", "CFuzzDriver"]))
+    package.products.append(.executable(name: "tern-fuzz", targets: ["tern-fuzz"]))
+}

@@ -60,7 +60,8 @@ class VM(TernOutput):
 
     def __init__(self, label: str, *, smp: Optional[int] = None, append: str = APPEND,
                  incoming: Optional[str] = None, paused: bool = False, env: Optional[dict] = None,
-                 pass_fds: Iterable[int] = (), extra: Iterable[str] = (), memory: str = MEMORY):
+                 pass_fds: Iterable[int] = (), extra: Iterable[str] = (), memory: str = MEMORY,
+                 wrapper: Iterable[str] = ()):
         self.label = label
         # Short paths under /tmp: a unix socket path must stay under 108 bytes.
         self.workdir = Path(tempfile.mkdtemp(prefix=f"tern-mig-{label}-", dir="/tmp"))
@@ -78,6 +79,8 @@ class VM(TernOutput):
         if paused:
             args += ["-S"]
         args += list(extra)
+        # A command that execs tern (`ip netns exec NS`): the pid stays tern's.
+        args = list(wrapper) + args
         self.args = args
         environment = dict(os.environ)
         environment.pop("TERN_TEST_DROP_DIRTY_PAGE", None)

@@ -367,3 +367,155 @@ async def test_destination_that_stops_reading(launch):
             peer.close()
     finally:
         server.close()
+
+
+# ----- the link: cut and restored, slowed (network namespaces and a veth pair) ------------------------
+
+class Link:
+    """A veth pair between this namespace (10.77.N.1) and a new network namespace (10.77.N.2),
+    so a destination can run behind a link the test can cut, restore and slow."""
+
+    def __init__(self, index: int):
+        self.namespace = f"tern-fault-{os.getpid()}-{index}"
+        self.outside, self.inside = f"tf{os.getpid() % 10000}o{index}", f"tf{os.getpid() % 10000}i{index}"
+        self.subnet = f"10.77.{index}"
+        self.address = f"{self.subnet}.2"
+        steps = [
+            ["ip", "netns", "add", self.namespace],
+            ["ip", "link", "add", self.outside, "type", "veth", "peer", "name", self.inside],
+            ["ip", "link", "set", self.inside, "netns", self.namespace],
+            ["ip", "addr", "add", f"{self.subnet}.1/24", "dev", self.outside],
+            ["ip", "link", "set", self.outside, "up"],
+            ["ip", "netns", "exec", self.namespace, "ip", "addr", "add", f"{self.address}/24", "dev", self.inside],
+            ["ip", "netns", "exec", self.namespace, "ip", "link", "set", self.inside, "up"],
+            ["ip", "netns", "exec", self.namespace, "ip", "link", "set", "lo", "up"],
+        ]
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True)
+            if done.returncode != 0:
+                self.remove()
+                raise RuntimeError(f"{' '.join(step)}: {done.stderr.strip()}")
+
+    def run(self, *command: str) -> None:
+        subprocess.run(list(command), check=True, capture_output=True)
+
+    def cut(self) -> None:
+        self.run("ip", "link", "set", self.outside, "down")
+
+    def restore(self) -> None:
+        self.run("ip", "link", "set", self.outside, "up")
+
+    def slow(self, rate: str) -> None:
+        """Shapes traffic towards the destination with a token bucket (netem is not in every
+        kernel; tbf is)."""
+        self.run("tc", "qdisc", "add", "dev", self.outside, "root", "tbf", "rate", rate, "burst", "64kb", "latency", "200ms")
+
+    def remove(self) -> None:
+        subprocess.run(["ip", "link", "del", self.outside], capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.namespace], capture_output=True)
+
+
+@pytest.fixture
+def link():
+    links: list[Link] = []
+
+    def make() -> Link:
+        try:
+            made = Link(len(links) + 1)
+        except (RuntimeError, FileNotFoundError) as error:
+            pytest.skip(f"SKIPPED LOUDLY: cannot build a veth pair in a network namespace here: {error}")
+        links.append(made)
+        return made
+
+    yield make
+    for made in links:
+        made.remove()
+
+
+#: For the link tests: a guest that dirties slower than the shaped or limited link carries.
+CALM = dict(memory="64M", append="wss=16M rate=2M")
+
+
+def behind(link: Link, port: int) -> dict:
+    """Launch options for a destination inside the link's namespace."""
+    return dict(incoming=f"tcp:{link.address}:{port}", wrapper=["ip", "netns", "exec", link.namespace])
+
+
+@asynctest
+async def test_link_cut_and_restored(launch, link):
+    """Injected: the link to the destination goes down for 3 s mid-migration, then comes back.
+    Survives: the migration (TCP carries on where it stopped; nothing is resent or lost): it
+    completes and the destination's guest runs on with its self-check passing; while the link
+    is down the source's guest keeps running."""
+    net = link()
+    port = 4500
+    src = launch("src", **CALM)
+    dst = launch("dst", **CALM, **behind(net, port))
+    async with session(src) as s:
+        await src.wait_passes(1)
+        await listening(dst)
+        assert await execute(s, "migrate-set-parameters", {"max-bandwidth": 16 << 20}) == {}
+        assert await execute(s, "migrate", {"uri": f"tcp:{net.address}:{port}"}) == {}
+        await asyncio.sleep(0.4)
+        net.cut()
+        before = len(src.passes())
+        await asyncio.sleep(3)
+        assert (await execute(s, "query-migrate"))["status"] == "active"
+        assert await status(s) == "running" and len(src.passes()) > before, "the source's guest stalled with the link"
+        net.restore()
+        info = await final_status(s, src, timeout=60)
+        assert info["status"] == "completed", f"the migration did not survive a 3 s cut: {info}" + src.diagnostics()
+    async with session(dst) as d:
+        await guest_runs_on(d, dst)
+
+
+@asynctest
+async def test_link_cut_for_good(launch, link):
+    """Injected: the link goes down mid-migration and stays down. Survives: the source's guest:
+    migrate_cancel ends the stuck migration within a second and the guest runs on."""
+    net = link()
+    port = 4501
+    src = launch("src", **CALM)
+    dst = launch("dst", **CALM, **behind(net, port))
+    dst.expect_exit = True
+    async with session(src) as s:
+        await src.wait_passes(1)
+        await listening(dst)
+        assert await execute(s, "migrate-set-parameters", {"max-bandwidth": 16 << 20}) == {}
+        assert await execute(s, "migrate", {"uri": f"tcp:{net.address}:{port}"}) == {}
+        await asyncio.sleep(0.4)
+        net.cut()
+        await asyncio.sleep(1.5)
+        started = time.monotonic()
+        assert await execute(s, "migrate_cancel") == {}
+        info = await final_status(s, src, timeout=5)
+        took = time.monotonic() - started
+        assert info["status"] == "cancelled" and took < 1.0, f"cancel over a dead link took {took:.2f} s: {info}"
+        await wait_status(s, src, "running")
+        seen = len(src.passes())
+        await src.wait_passes(1, after=seen, timeout=10)
+        src.assert_healthy()
+
+
+@asynctest
+async def test_slowed_link(launch, link):
+    """Injected: a link shaped to 80 Mbit/s (about 10 MB/s) with tc's token bucket, and tern's
+    own limit lifted. Survives: the migration completes, and the throughput tern reports is
+    what the link allowed (within a factor of two), not what it asked for."""
+    net = link()
+    net.slow("80mbit")
+    port = 4502
+    src = launch("src", **CALM)
+    dst = launch("dst", **CALM, **behind(net, port))
+    async with session(src) as s:
+        await src.wait_passes(1)
+        await listening(dst)
+        assert await execute(s, "migrate-set-parameters", {"max-bandwidth": UNLIMITED}) == {}
+        assert await execute(s, "migrate", {"uri": f"tcp:{net.address}:{port}"}) == {}
+        info = await final_status(s, src, timeout=60)
+        assert info["status"] == "completed", info
+        mbps = info["ram"]["mbps"]
+        print(f"slowed link: {mbps:.1f} Mbit/s reported, {info['total-time']} ms, downtime {info['downtime']} ms")
+        assert 40 <= mbps <= 90, f"the link carries 80 Mbit/s; tern reports {mbps:.1f}: {info}"
+    async with session(dst) as d:
+        await guest_runs_on(d, dst)
