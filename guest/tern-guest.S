@@ -49,7 +49,8 @@
  *   0x00200000  generation table: u32 per working-set page (up to 0x1000000)
  *   0x01000000  the working set, wss bytes, ending below both the end of RAM
  *               and 3 GiB (wss is clamped, with a message, when it does not fit)
- *   RAM at the fixed addresses must start out zero (fresh RAM is).
+ *   RAM at the fixed addresses must start out zero (fresh RAM is; tern's loader
+ *   also clears the control block on every load, so that a reset restarts cleanly).
  *
  * COMMAND LINE (space-separated tokens; unknown tokens are ignored, so the
  * kernel file name QEMU puts first does no harm)
@@ -110,8 +111,8 @@
  *
  * LINES PRINTED ON COM1 (each ends with "\n" alone)
  *   tern-guest: start cpus C wss W MiB rate R MiB/s pattern P lines L tsc T MHz
- *   tern-guest: pass N rate RMiB/s ok sweeps S
- *   tern-guest: pass N rate RMiB/s FAIL sweeps S corrupt K
+ *   tern-guest: pass N rate RMiB/s ok sweeps S gap G us
+ *   tern-guest: pass N rate RMiB/s FAIL sweeps S corrupt K [clock-backwards B] gap G us
  *   tern-guest: CORRUPT page N
  *   tern-guest: wss clamped to W MiB (working set must end below L MiB)
  *   tern-guest: PIT calibration timed out, assuming tsc T MHz
@@ -120,7 +121,12 @@
  *   by all CPUs; S is the number of complete verification sweeps of the whole
  *   working set (the smallest count over the CPUs); K is the number of corrupt
  *   pages found so far.  Only the first 64 CORRUPT lines are printed; K keeps
- *   counting.
+ *   counting.  G is the largest step of the TSC between two rounds of the main
+ *   loop on any CPU since the previous line, in microseconds (a round normally
+ *   takes well under a millisecond; a stop of the VM shows as a gap as long as
+ *   the stop, a migration whose TSC is carried over frozen shows none).  B counts
+ *   the times a CPU read a TSC lower than its previous reading: any makes the
+ *   line FAIL.
  */
 
 /* ---------------------------------------------------------------------------
@@ -179,9 +185,11 @@
         .equ CB_LINES,          0x58            /* lines rewritten per page, 1..64 */
         .equ CB_RATIO,          0x60            /* pattern=compressible: ratio=R, 1..16 */
         .equ CB_NRAND,          0x68            /* pattern=compressible: random words per page */
+        .equ CB_CLOCKBACK,      0x70            /* times a CPU's TSC went backwards */
         .equ CB_PERCPU,         0x100           /* one cache line per CPU: */
         .equ PC_WRITTEN,        0x00            /*   pages rewritten (paced) */
         .equ PC_SWEEPS,         0x08            /*   complete verification sweeps */
+        .equ PC_MAXGAP,         0x10            /*   largest TSC step between two rounds since the last pass line */
         .equ PC_SIZE,           64
 
         /* PIT channel 2 at 1193182 Hz; 59659 ticks = 50 ms. */
@@ -210,7 +218,8 @@
         .equ F_LASTT,           0x68            /* CPU 0: TSC of the previous pass line */
         .equ F_LASTW,           0x70            /* CPU 0: pages written at the previous line */
         .equ F_PASS,            0x78            /* CPU 0: pass lines printed */
-        .equ FRAME_SIZE,        0x80
+        .equ F_PREVT,           0x80            /* TSC at the previous round of the main loop */
+        .equ FRAME_SIZE,        0x90
 
         .text
         .globl _start
@@ -936,6 +945,7 @@ idle:   pause                           /* more vCPUs than announced: stay out o
         jmp 7b
 
 8:      RDTSC64 F_T0(%rbp)
+        mov %rax, F_PREVT(%rbp)
         mov %rax, F_LASTT(%rbp)
         add CB + CB_TSC_HZ, %rax
         mov %rax, F_NEXT(%rbp)
@@ -946,6 +956,19 @@ idle:   pause                           /* more vCPUs than announced: stay out o
  */
 main_loop:
         RDTSC64 %r14
+        /* The clock: it never goes backwards, and the largest step between two rounds
+         * (normally the time one round takes; a stop or a migration's downtime shows here,
+         * or nothing when the TSC is carried over frozen) is reported on the pass line. */
+        sub F_PREVT(%rbp), %rax
+        jae 10f
+        lock incq CB + CB_CLOCKBACK
+        xor %eax, %eax
+10:     mov F_PC(%rbp), %rcx
+        cmp PC_MAXGAP(%rcx), %rax
+        jbe 11f
+        mov %rax, PC_MAXGAP(%rcx)
+11:     mov %r14, F_PREVT(%rbp)
+        mov %r14, %rax
         sub F_T0(%rbp), %rax
         mov %rax, %r15
 
@@ -1066,8 +1089,8 @@ verify_next:
 
 /*
  * pass_line (CPU 0): R14 = now.  Prints
- *   tern-guest: pass N rate RMiB/s ok sweeps S
- *   tern-guest: pass N rate RMiB/s FAIL sweeps S corrupt K
+ *   tern-guest: pass N rate RMiB/s ok sweeps S gap G us
+ *   tern-guest: pass N rate RMiB/s FAIL sweeps S corrupt K [clock-backwards B] gap G us
  */
 pass_line:
         push %rbx
@@ -1122,8 +1145,9 @@ pass_line:
         call put_str
         mov %rbx, %rax
         call put_dec
-        cmpq $0, CB + CB_CORRUPT
-        jne 4f
+        mov CB + CB_CORRUPT, %rax
+        or CB + CB_CLOCKBACK, %rax
+        jnz 4f
         lea msg_pass_ok(%rip), %rsi
         call put_str
         mov %r13, %rax
@@ -1137,7 +1161,34 @@ pass_line:
         call put_str
         mov CB + CB_CORRUPT, %rax
         call put_dec
-5:      mov %rsp, %rsi
+        cmpq $0, CB + CB_CLOCKBACK
+        je 5f
+        lea msg_pass_clockback(%rip), %rsi
+        call put_str
+        mov CB + CB_CLOCKBACK, %rax
+        call put_dec
+        /* " gap G us": the largest clock step any CPU saw since the last line (cleared). */
+5:      mov CB + CB_NCPUS, %rcx
+        mov $(CB + CB_PERCPU), %edx
+        xor %r8d, %r8d
+8:      mov PC_MAXGAP(%rdx), %rax
+        cmp %r8, %rax
+        jbe 9f
+        mov %rax, %r8
+9:      movq $0, PC_MAXGAP(%rdx)
+        add $PC_SIZE, %rdx
+        dec %rcx
+        jnz 8b
+        lea msg_pass_gap(%rip), %rsi
+        call put_str
+        mov %r8, %rax
+        mov $1000000, %ecx
+        mul %rcx
+        divq CB + CB_TSC_HZ
+        call put_dec
+        lea msg_pass_us(%rip), %rsi
+        call put_str
+        mov %rsp, %rsi
         call send_line
         add $LINE_BUF, %rsp
 
@@ -1609,6 +1660,9 @@ msg_pass_rate:          .asciz " rate "
 msg_pass_ok:            .asciz "MiB/s ok sweeps "
 msg_pass_fail:          .asciz "MiB/s FAIL sweeps "
 msg_pass_corrupt:       .asciz " corrupt "
+msg_pass_clockback:     .asciz " clock-backwards "
+msg_pass_gap:           .asciz " gap "
+msg_pass_us:            .asciz " us"
 msg_corrupt:            .asciz "tern-guest: CORRUPT page "
 msg_clamped:            .asciz "tern-guest: wss clamped to "
 msg_clamped2:           .asciz " MiB (working set must end below "

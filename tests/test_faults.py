@@ -22,14 +22,16 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
-from typing import Optional
 
 import pytest
 from qemu.qmp import ExecuteError
 
-from migration_support import UNLIMITED, VM, asynctest, execute, session, skip_reason, status, wait_status
+from migration_support import (END, UNLIMITED, VM, asynctest, execute, execute_error, session, skip_reason, status,
+                               wait_status)
 from test_migration import launch, tcp_uri  # noqa: F401 - launch is a fixture
+from test_postcopy import FakeDestination
 
 _SKIP = skip_reason()
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
@@ -519,3 +521,61 @@ async def test_slowed_link(launch, link):
         assert 40 <= mbps <= 90, f"the link carries 80 Mbit/s; tern reports {mbps:.1f}: {info}"
     async with session(dst) as d:
         await guest_runs_on(d, dst)
+
+
+# ----- requests during a switchover that waits for its verdict --------------------------------------
+
+class VerdictWithheld(FakeDestination):
+    """A fake destination that reads the whole stream, answers PINGs, and never says LOADED: the
+    source stays in its switchover (finish-migrate, vCPUs stopped) until the verdict wait ends,
+    which close() brings about at once."""
+
+    def __init__(self):
+        super().__init__("tcp")
+        self.ended = threading.Event()
+
+    def _record(self, kind: int, body: bytes) -> None:
+        if kind == END:
+            self.ended.set()
+            return
+        super()._record(kind, body)
+
+
+@pytest.mark.parametrize("stop", [False, True], ids=["no-stop", "stop-meanwhile"])
+@asynctest
+async def test_requests_during_a_switchover(launch, stop):
+    """Injected: cont, system_reset (and, in one case, stop) while the source waits, vCPUs
+    stopped, for a verdict that never comes; then the destination goes away. Survives: cont and
+    system_reset are refused with a reason (starting or resetting the guest mid-switchover would
+    fork it); the failed migration restarts the source's guest, unless a stop came meanwhile,
+    which it honours: the guest stays paused until cont."""
+    src = launch("src", **SMALL)
+    fake = VerdictWithheld()
+    try:
+        async with session(src) as s:
+            await src.wait_passes(1)
+            assert await execute(s, "migrate-set-parameters", {"max-bandwidth": UNLIMITED}) == {}
+            assert await execute(s, "migrate", {"uri": fake.uri}) == {}
+            await fake.until(fake.ended.is_set, "the END record", timeout=20)
+            await wait_status(s, src, "finish-migrate")
+            desc = await execute_error(s, "cont")
+            assert "finish-migrate" in desc, desc
+            desc = await execute_error(s, "system_reset")
+            assert "switchover" in desc, desc
+            if stop:
+                assert await execute(s, "stop") == {}
+            assert await status(s) == "finish-migrate", "a refused request changed the run state"
+            fake.close()
+            info = await final_status(s, src, timeout=40)
+            assert info["status"] == "failed" and "confirm" in info.get("error-desc", ""), info
+            if stop:
+                await wait_status(s, src, "paused")
+                assert await assert_state_matches_vcpus(s, src) == "paused"
+                assert await execute(s, "cont") == {}
+            await wait_status(s, src, "running")
+            await assert_state_matches_vcpus(s, src)
+            seen = len(src.passes())
+            await src.wait_passes(1, after=seen, timeout=10)
+            src.assert_healthy()
+    finally:
+        fake.close()

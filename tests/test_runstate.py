@@ -203,6 +203,30 @@ async def test_system_reset(tern):
 
 
 @asynctest
+async def test_system_reset_of_two_vcpus_restarts_cleanly(start_tern):
+    """After a reset RAM holds what the guest left (its control block says "ready", "filled");
+    tern clears the built-in guest's control block on every load, so both vCPUs start over
+    together: five resets in a row, then a fresh start line for 2 CPUs and passing lines."""
+    tern = start_tern(smp=2, append="wss=16M rate=16M", wait_guest=True)
+    async with qmp_client(tern.address) as qmp:
+        for count in range(2, 7):
+            assert await execute(qmp, "system_reset") == {}
+            await asyncio.to_thread(tern.wait_until, lambda: len(START_LINE.findall(tern.log_text())) >= count,
+                                    f"start line {count} (the boot and {count - 1} resets)", 10)
+        def passed_again() -> bool:
+            text = tern.log_text()
+            last_start = [m.start() for m in START_LINE.finditer(text)][-1]
+            return len(tern.passes(text[last_start:])) >= 2
+        await asyncio.to_thread(tern.wait_until, passed_again, "two pass lines after the last reset", 10)
+    text = tern.log_text()
+    last = text[[m.start() for m in START_LINE.finditer(text)][-1]:]
+    assert last.startswith("tern-guest: start cpus 2 "), last[:200]
+    assert tern.passes(last)[:2] == [(1, True), (2, True)], last
+    tern.assert_healthy_log()
+    tern.assert_alive()
+
+
+@asynctest
 async def test_system_reset_while_paused_stays_paused(booted_tern):
     tern = booted_tern  # the first start line is out, so a second one means a restart
     async with qmp_client(tern.address) as qmp:

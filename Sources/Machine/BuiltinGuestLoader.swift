@@ -9,6 +9,11 @@ public enum BuiltinGuestLoader {
     public static let formatVersion: UInt64 = 1
     /// The image must end before the guest's own data areas (stacks at 0x180000).
     public static let maximumImageSize = 0x80000
+    /// The guest's control block (guest/README.md's memory map), which it expects to find
+    /// zero: cleared on every load, because after a reset RAM holds what the guest left there
+    /// (a stale "ready" or "filled" count would let its vCPUs start before the boot CPU).
+    static let controlBlock: GuestAddress = 0x1C0000
+    static let controlBlockSize = 0x1000
 
     /// The 64-bit entry point named in an image header, after checking the header.
     public static func entryPoint(of image: [UInt8]) throws(MachineError) -> GuestAddress {
@@ -44,6 +49,7 @@ public enum BuiltinGuestLoader {
         params.setMemoryMap(E820Map(layout: memory.layout))
         do {
             try memory.write(image, at: loadAddress)
+            try memory.write([UInt8](repeating: 0, count: controlBlockSize), at: controlBlock)
             try memory.write(Array(arguments.utf8) + [0], at: BootAddresses.commandLine)
             try memory.write(params.bytes, at: BootAddresses.bootParams)
         } catch {
