@@ -198,6 +198,9 @@ public struct JSONParser {
             if let value = UInt64(text) { return .uint(value) }
         }
         guard let value = Double(text) else { throw error("invalid number") }
+        // JSON has no infinity: a number beyond a double's range is refused rather than
+        // carried as one (it would print back as null, and no QMP argument can use it).
+        guard value.isFinite else { throw error("number out of range") }
         return .double(value)
     }
 }

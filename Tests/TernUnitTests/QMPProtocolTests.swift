@@ -25,6 +25,21 @@ struct QMPProtocolTests {
         #expect(throws: JSONParseError.self) { try JSONParser.parse(Array(text.utf8)) }
     }
 
+    /// Found by the qmp-json fuzz target (fuzz/regressions/qmp-json-infinity): -3e10404 parsed
+    /// as -infinity, which serialises as null.
+    @Test("a number beyond a double's range is refused, not turned into infinity", arguments: [
+        "-3e10404", "1e400", "[1, 2.5e308]", String(repeating: "9", count: 400),
+    ])
+    func outOfRange(text: String) {
+        #expect(throws: JSONParseError.self) { try JSONParser.parse(Array(text.utf8)) }
+    }
+
+    @Test("the largest finite doubles still parse")
+    func largestDoubles() throws {
+        #expect(try JSONParser.parse(Array("1.7976931348623157e308".utf8)) == .double(.greatestFiniteMagnitude))
+        #expect(try JSONParser.parse(Array("-1e-400".utf8)) == .double(-0.0))
+    }
+
     @Test("deep nesting is refused instead of exhausting the stack")
     func deepNesting() {
         let text = String(repeating: "[", count: 100_000) + String(repeating: "]", count: 100_000)
