@@ -283,7 +283,8 @@ async def test_escalation_throttles(launch):
         f"random pages: escalation should only throttle (XBZRLE and compression do not pay): {steps}"
     percents = [int(re.match(r"vCPUs throttled to (\d+)%", step["detail"]).group(1)) for step in steps]
     assert percents[0] >= 60, f"the first throttle is at least cpu-throttle-initial: {steps}"
-    assert all(b >= a + 10 for a, b in zip(percents, percents[1:])), f"each step adds the increment: {percents}"
+    assert all(b >= a + 10 or b == 99 for a, b in zip(percents, percents[1:])), \
+        f"each step adds the increment (or reaches the maximum, 99): {percents}"
     # One step per pass at most (a pass over 32 MiB at 30 MiB/s takes about 1 s).
     assert len(steps) <= info["ram"]["dirty-sync-count"], f"more steps than passes: {steps} {info}"
     assert all(b["at-ms"] - a["at-ms"] >= 500 for a, b in zip(steps, steps[1:])), f"two steps in one pass: {steps}"

@@ -61,9 +61,12 @@ POSTCOPY_MEMORY_BYTES = 256 * MiB
 #: whole working set is dirty again at the switch (about 2 s of postcopy).
 APPEND = "wss=128M rate=96M"
 BANDWIDTH = 64 * MiB
-#: For the tests that act during postcopy: about 3 s of pre-copy pass, then 3 s of postcopy.
+#: For the tests that act during postcopy: the switch comes at once, then about 3 s of
+#: postcopy, because SLOW_POSTCOPY also caps the background pages (max-postcopy-bandwidth;
+#: unlimited, postcopy ended within 0.6 s on a quiet machine, before a test could act).
 SLOW_APPEND = "wss=96M rate=64M"
 SLOW_BANDWIDTH = 32 * MiB
+SLOW_POSTCOPY = {"max-postcopy-bandwidth": SLOW_BANDWIDTH}
 #: A source whose migration to a fake destination stays active for seconds (64 MiB at 20 MiB/s).
 FAKE_APPEND = "wss=64M rate=16M"
 FAKE_BANDWIDTH = 20 * MiB
@@ -469,7 +472,7 @@ async def test_cancel_refused_during_postcopy(launch):
         with s.listener("MIGRATION") as source_events:
             source_log = EventLog(source_events)
             await listen_for_postcopy(d, dst, uri)
-            await prepare_source(s, src, bandwidth=SLOW_BANDWIDTH)
+            await prepare_source(s, src, bandwidth=SLOW_BANDWIDTH, parameters=SLOW_POSTCOPY)
             await reach_postcopy(s, d, src, dst, uri)
             await execute_error(s, "migrate_cancel", desc=NO_CANCEL)
             assert (await execute(s, "query-migrate"))["status"] == "postcopy-active", "the refused cancel changed the status"
@@ -592,7 +595,7 @@ async def test_link_cut_and_recovery(launch, destination):
                 source_log, destination_log = EventLog(source_events), EventLog(destination_events)
                 await listen_for_postcopy(d, dst, f"tcp:127.0.0.1:{destination_port}")
                 proxy = LinkProxy(destination_port)
-                await prepare_source(s, src, bandwidth=SLOW_BANDWIDTH)
+                await prepare_source(s, src, bandwidth=SLOW_BANDWIDTH, parameters=SLOW_POSTCOPY)
                 await reach_postcopy(s, d, src, dst, proxy.uri)
                 await asyncio.sleep(0.5)  # pages and page requests in flight
                 info = await execute(s, "query-migrate")
@@ -639,7 +642,7 @@ async def test_source_killed_during_postcopy(launch):
     async with session(dst) as d:
         await listen_for_postcopy(d, dst, uri)
         async with session(src) as s:
-            await prepare_source(s, src, bandwidth=SLOW_BANDWIDTH)
+            await prepare_source(s, src, bandwidth=SLOW_BANDWIDTH, parameters=SLOW_POSTCOPY)
             await reach_postcopy(s, d, src, dst, uri)
             await asyncio.sleep(0.3)
             assert (await execute(s, "query-migrate"))["status"] == "postcopy-active", \

@@ -37,7 +37,9 @@ struct SLOSettings {
 /// a page, compression when sampled pages shrink below 60%), then a vCPU throttle raised step
 /// by step, then postcopy if both sides allow it, and when nothing is left, a cancel with the
 /// reason, early enough that the budget is not exceeded. After a step it waits one pass to
-/// see the step's effect before the next.
+/// see the step's effect before the next, and two before giving up: the dirty rate is
+/// smoothed with weight ½, so after one pass it still carries half of the rate before the
+/// step (CI saw a 99% throttle cancelled on a stale 60 MiB/s while the guest dirtied 14).
 struct EscalationLadder {
     enum Action: Equatable {
         case none
@@ -76,7 +78,9 @@ struct EscalationLadder {
         if passesSinceStep < Int.max { passesSinceStep += 1 }
         guard let reason = miss(forecast, elapsed: elapsed) else { return (.none, "") }
         // Judge a step by one whole pass run under it.
-        if passesSinceStep < 1 && !nearDeadline(elapsed) { return (.none, "") }
+        let deadline = nearDeadline(elapsed)
+        if passesSinceStep < 1 && !deadline { return (.none, "") }
+        let judgedTwice = passesSinceStep >= 2 || deadline
         passesSinceStep = 0
         // An encoder is ruled out only once the sample has judged it (no sample yet: ask again).
         if !taken.contains(.xbzrle), let ratio = savings?.xbzrleRatio {
@@ -111,6 +115,10 @@ struct EscalationLadder {
             return (.postcopy, reason)
         }
         guard settings.totalBudget > 0, !taken.contains(.cancel) else { return (.none, "") } // no budget: keep trying
+        guard judgedTwice else {
+            passesSinceStep = 1 // the last step has had one pass; give it a second
+            return (.none, "")
+        }
         taken.insert(.cancel)
         return (.cancel("nothing left to try: \(reason)"), reason)
     }

@@ -82,6 +82,22 @@ struct ForecastUnitTests {
         #expect(actions == [.throttle(50), .throttle(60), .throttle(70), .none, .none, .none])
     }
 
+    @Test("the cancel waits for two passes under the last step (the smoothed rate lags by one), unless the budget is near its end")
+    func cancelWaitsTwoPasses() {
+        var ladder = ladder(budget: 10_000, maximum: 50)
+        let useless = PageSavings(xbzrleRatio: 0.95, compressionRatio: 0.99)
+        var actions: [EscalationLadder.Action] = []
+        for pass in 0..<4 { actions.append(ladder.passEnded(missing, elapsed: UInt64(pass) * 100, savings: useless).0) }
+        #expect(actions.map { if case .cancel = $0 { return "cancel" } else { return "\($0)" } }
+                == ["\(EscalationLadder.Action.throttle(50))", "none", "cancel", "none"], "\(actions)")
+        var late = self.ladder(budget: 10_000, maximum: 50)
+        #expect(late.passEnded(missing, elapsed: 100, savings: useless).0 == .throttle(50))
+        guard case .cancel? = Optional(late.passEnded(missing, elapsed: 8500, savings: useless).0) else {
+            Issue.record("past 80% of the budget the ladder cancels without waiting")
+            return
+        }
+    }
+
     @Test("XBZRLE is skipped when the working set outgrows its cache, and compression when deltas do better")
     func encoderChoice() {
         var big = missing
