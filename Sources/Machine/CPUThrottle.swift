@@ -20,6 +20,16 @@ final class CPUThrottle: @unchecked Sendable {
 
     var percent: Int { state.withLock { $0.percent } }
 
+    /// One slice of running plus its sleep at `percent`: the span over which the guest runs
+    /// its share (a second at 99%).
+    static func periodNanoseconds(percent: Int) -> UInt64 {
+        sliceNanoseconds + sleepNanoseconds(percent: percent)
+    }
+
+    private static func sleepNanoseconds(percent: Int) -> UInt64 {
+        percent > 0 ? sliceNanoseconds * UInt64(percent) / UInt64(100 - percent) : 0
+    }
+
     /// Sets the throttle (0 ends it; at most 99).
     func set(_ percent: Int) {
         let clamped = min(max(percent, 0), 99)
@@ -42,7 +52,7 @@ final class CPUThrottle: @unchecked Sendable {
                 return (state.percent, state.threads)
             }
             guard percent > 0 else { return }
-            let sleep = Self.sliceNanoseconds * UInt64(percent) / UInt64(100 - percent)
+            let sleep = Self.sleepNanoseconds(percent: percent)
             for thread in threads { thread.throttle(sleeping: sleep) }
             // The next slice starts once this one's sleep and its running time are over.
             let period = Self.sliceNanoseconds + sleep

@@ -292,6 +292,13 @@ public final class Machine: @unchecked Sendable {
     /// The throttle in force, in percent.
     public var cpuThrottlePercent: Int { cpuThrottle.percent }
 
+    /// How long the throttle takes to give the guest its share once (a slice run plus its
+    /// sleep; 10 ms unthrottled, a second at 99%): a dirty-rate sample shorter than this
+    /// catches a run slice or none.
+    public var cpuThrottlePeriodMilliseconds: UInt64 {
+        CPUThrottle.periodNanoseconds(percent: cpuThrottle.percent) / 1_000_000
+    }
+
     /// The host thread id of each vCPU's thread, in vCPU order (after `start`).
     public var vcpuThreadIDs: [Int32] { threads.map(\.threadID) }
 

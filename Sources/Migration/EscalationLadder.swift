@@ -37,9 +37,9 @@ struct SLOSettings {
 /// a page, compression when sampled pages shrink below 60%), then a vCPU throttle raised step
 /// by step, then postcopy if both sides allow it, and when nothing is left, a cancel with the
 /// reason, early enough that the budget is not exceeded. After a step it waits one pass to
-/// see the step's effect before the next, and two before giving up: the dirty rate is
-/// smoothed with weight ½, so after one pass it still carries half of the rate before the
-/// step (CI saw a 99% throttle cancelled on a stale 60 MiB/s while the guest dirtied 14).
+/// see the step's effect before the next, and two before giving up: at a high throttle the
+/// vCPUs run in slices about a pass long (10 ms per second at 99%), so one pass may catch one
+/// slice or two, and only two passes average that out.
 struct EscalationLadder {
     enum Action: Equatable {
         case none
@@ -77,18 +77,17 @@ struct EscalationLadder {
     mutating func passEnded(_ forecast: MigrationForecast, elapsed: UInt64, savings: PageSavings?) -> (Action, String) {
         if passesSinceStep < Int.max { passesSinceStep += 1 }
         guard let reason = miss(forecast, elapsed: elapsed) else { return (.none, "") }
-        // Judge a step by one whole pass run under it.
+        // Judge a step by one whole pass run under it; give up only after two.
         let deadline = nearDeadline(elapsed)
         if passesSinceStep < 1 && !deadline { return (.none, "") }
         let judgedTwice = passesSinceStep >= 2 || deadline
-        passesSinceStep = 0
         // An encoder is ruled out only once the sample has judged it (no sample yet: ask again).
         if !taken.contains(.xbzrle), let ratio = savings?.xbzrleRatio {
             taken.insert(.xbzrle)
             // Deltas need the old copy: a working set larger than the cache would thrash it.
             if ratio < Self.xbzrleWorthIt && forecast.dirtySet <= settings.xbzrleCacheSize {
                 enabledXBZRLE = true
-                return (.enable(.xbzrle), "\(reason); dirtied pages differ in \(Int(ratio * 100))% of their bytes")
+                return stepped(.enable(.xbzrle), "\(reason); dirtied pages differ in \(Int(ratio * 100))% of their bytes")
             }
         }
         if !taken.contains(.compress), let ratio = savings?.compressionRatio {
@@ -97,7 +96,7 @@ struct EscalationLadder {
             // does better than the deltas.
             let deltas = enabledXBZRLE ? savings?.xbzrleRatio ?? 1 : 1
             if ratio < Self.compressionWorthIt && ratio < deltas {
-                return (.enable(.compress), "\(reason); dirtied pages compress to \(Int(ratio * 100))%")
+                return stepped(.enable(.compress), "\(reason); dirtied pages compress to \(Int(ratio * 100))%")
             }
         }
         if throttle < settings.throttleMaximum {
@@ -108,19 +107,22 @@ struct EscalationLadder {
             let step = throttle == 0 ? settings.throttleInitial : throttle + settings.throttleIncrement
             throttle = min(max(step, needed), settings.throttleMaximum)
             taken.insert(.throttle)
-            return (.throttle(throttle), reason)
+            return stepped(.throttle(throttle), reason)
         }
         if settings.postcopyAllowed && !taken.contains(.postcopy) {
             taken.insert(.postcopy)
-            return (.postcopy, reason)
+            return stepped(.postcopy, reason)
         }
         guard settings.totalBudget > 0, !taken.contains(.cancel) else { return (.none, "") } // no budget: keep trying
-        guard judgedTwice else {
-            passesSinceStep = 1 // the last step has had one pass; give it a second
-            return (.none, "")
-        }
+        guard judgedTwice else { return (.none, "") }
         taken.insert(.cancel)
-        return (.cancel("nothing left to try: \(reason)"), reason)
+        return stepped(.cancel("nothing left to try: \(reason)"), reason)
+    }
+
+    /// A step is taken: the passes that judge it count from here.
+    private mutating func stepped(_ action: Action, _ detail: String) -> (Action, String) {
+        passesSinceStep = 0
+        return (action, detail)
     }
 
     /// Within every window: when the budget is about to run out, switch to postcopy if allowed,

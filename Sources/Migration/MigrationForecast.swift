@@ -43,27 +43,39 @@ struct MigrationForecaster {
         bandwidth = bandwidth == 0 ? sample : (bandwidth + sample) / 2
     }
 
-    /// A pass ended at `now` and the sync found `dirtied` bytes. Its average rate only counts
-    /// when no short sample measured the pass (a long pass saturates at the working set).
-    mutating func passEnded(now: UInt64, dirtied: UInt64) {
+    /// A pass ended at `now` and the sync found `dirtied` bytes, with the vCPUs throttled to
+    /// `throttle` % during it. Its average rate only counts when no short sample measured the
+    /// pass (a long pass saturates at the working set).
+    mutating func passEnded(now: UInt64, dirtied: UInt64, throttle: Int = 0) {
         let elapsed = max(now - passStart, 1)
         if !sampledThisPass {
-            let sample = Double(dirtied) / Double(elapsed)
-            dirtyRate = dirtyRate.map { ($0 + sample) / 2 } ?? sample
+            measuredDirtyRate(Double(dirtied) / Double(elapsed), throttle: throttle)
         }
         largestDirtySet = max(largestDirtySet, dirtied)
         passStart = now
         sampledThisPass = false
     }
 
-    /// A mid-pass sample: `bytes` of distinct pages dirtied in `milliseconds`.
-    mutating func dirtySampled(bytes: UInt64, milliseconds: UInt64) {
+    /// A mid-pass sample: `bytes` of distinct pages dirtied in `milliseconds` under `throttle` %.
+    mutating func dirtySampled(bytes: UInt64, milliseconds: UInt64, throttle: Int = 0) {
         guard milliseconds > 0 else { return }
-        let sample = Double(bytes) / Double(milliseconds)
-        dirtyRate = dirtyRate.map { ($0 + sample) / 2 } ?? sample
+        measuredDirtyRate(Double(bytes) / Double(milliseconds), throttle: throttle)
         largestDirtySet = max(largestDirtySet, bytes)
         sampledThisPass = true
     }
+
+    /// Smooths the dirty rate, except across a throttle change: a rate measured under another
+    /// throttle says nothing about this one (CI saw a 99% throttle judged on a smoothed
+    /// 60 MiB/s, most of it from before the step, while the guest dirtied 14).
+    private mutating func measuredDirtyRate(_ sample: Double, throttle: Int) {
+        if let rate = dirtyRate, rateThrottle == throttle {
+            dirtyRate = (rate + sample) / 2
+        } else {
+            dirtyRate = sample
+        }
+        rateThrottle = throttle
+    }
+    private var rateThrottle = 0
 
     /// When the current pass began, for scheduling the mid-pass sample.
     var currentPassStart: UInt64 { passStart }

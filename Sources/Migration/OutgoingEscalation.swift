@@ -50,13 +50,16 @@ extension OutgoingMigration {
     private func sampleDirtyRateIfLongPass(pending: UInt64) throws(LoopFailure) {
         let now = WallClock.monotonicMilliseconds()
         let sinceStart = now - min(now, forecaster.currentPassStart)
-        guard sampledPass != stats.dirtySyncCount, sinceStart >= 250, forecaster.bandwidth > 0,
+        // At least a throttle period, so that the sample holds the guest's share of running.
+        guard sampledPass != stats.dirtySyncCount, sinceStart >= max(250, machine.cpuThrottlePeriodMilliseconds),
+              forecaster.bandwidth > 0,
               Double(pending) / forecaster.bandwidth >= 750,
               let ram = sections.compactMap({ $0 as? OutgoingRAMSection }).first else { return }
         sampledPass = stats.dirtySyncCount
         do {
             let pages = try ram.sampleDirtyPages()
-            forecaster.dirtySampled(bytes: UInt64(pages) * MigrationStreamFormat.pageSize, milliseconds: sinceStart)
+            forecaster.dirtySampled(bytes: UInt64(pages) * MigrationStreamFormat.pageSize, milliseconds: sinceStart,
+                                    throttle: machine.cpuThrottlePercent)
         } catch {
             throw LoopFailure(message: error.message)
         }
@@ -64,7 +67,7 @@ extension OutgoingMigration {
 
     /// A pass ended during pre-copy (and the switchover test said go on).
     func forecastPass(dirtied: UInt64, pending: UInt64) -> EscalationOutcome {
-        forecaster.passEnded(now: WallClock.monotonicMilliseconds(), dirtied: dirtied)
+        forecaster.passEnded(now: WallClock.monotonicMilliseconds(), dirtied: dirtied, throttle: machine.cpuThrottlePercent)
         refreshForecast(pending: pending)
         guard ladder != nil, let forecast = stats.forecast else { return .carryOn }
         let ram = sections.compactMap { $0 as? OutgoingRAMSection }.first
