@@ -27,6 +27,18 @@ int cguest_punch_hole(int fd, int64_t offset, int64_t length) {
     return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) < 0 ? -errno : 0;
 }
 
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
+int cguest_populate(void *pointer, size_t length, size_t page_size) {
+    if (madvise(pointer, length, MADV_POPULATE_WRITE) == 0) return 0;
+    if (errno != EINVAL) return -errno;
+    volatile uint8_t *bytes = pointer;
+    for (size_t offset = 0; offset < length; offset += page_size) bytes[offset] = 0;
+    return 0;
+}
+
 int cguest_is_zero(const void *pointer, size_t length) {
     const uint64_t *words = pointer;
     size_t count = length / 8;

@@ -92,7 +92,12 @@ public final class Machine: @unchecked Sendable {
         }
 
         let layout = GuestMemoryLayout(ramSize: configuration.memorySize)
-        do { self.memory = try GuestMemory(layout: layout) } catch { throw .memory(error) }
+        do {
+            self.memory = try GuestMemory(layout: layout)
+            if configuration.preallocateMemory { try memory.preallocate() }
+        } catch {
+            throw .memory(error)
+        }
         do {
             for region in layout.regions {
                 try virtualMachine.setUserMemoryRegion(

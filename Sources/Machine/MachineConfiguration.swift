@@ -30,6 +30,8 @@ public struct MachineConfiguration: Equatable, Sendable {
     public var kvmDevicePath = "/dev/kvm"
     /// `-incoming`: the machine waits in `inmigrate` for its state to arrive instead of booting.
     public var waitsForIncomingMigration = false
+    /// `-mem-prealloc`: allocate all guest RAM at start instead of at first touch.
+    public var preallocateMemory = false
 
     /// The most vCPUs tern starts (the MP table numbers APIC ids in one byte).
     public static let maximumCPUCount = 64

@@ -23,8 +23,10 @@ public struct MigrationForecast: Equatable, Sendable {
 /// the bytes each pass found dirty and how long it took. The model is QEMU's iteration made
 /// explicit: a pass over R bytes takes R / bandwidth, during which the guest dirties
 /// rate × time bytes, but never more than the largest dirty set seen (its working set); the
-/// migration converges when a pass leaves no more than bandwidth × downtime limit. Rates are
-/// smoothed (EWMA, weight ½) so that one odd window does not swing the answer.
+/// migration converges when a pass leaves no more than bandwidth × downtime limit and, as the
+/// switchover test (`ConvergencePolicy`) has it, one more pass would not halve it. Rates are
+/// smoothed so that one odd window does not swing the answer: the bandwidth over the last second
+/// of windows, the dirty rate as an EWMA of weight ½ over passes and samples.
 struct MigrationForecaster {
     /// Page bytes per millisecond.
     private(set) var bandwidth: Double = 0
@@ -37,10 +39,19 @@ struct MigrationForecaster {
 
     init(now: UInt64) { passStart = now }
 
+    /// The last windows' page bytes and milliseconds: the bandwidth is their sum over their
+    /// time. One 100 ms window swings with a dirty sync or a scheduling hiccup on a busy host
+    /// (an EWMA of weight ½ put ETAs 2.5x off a quarter into a run); a second's worth does not.
+    private var windows: [(bytes: UInt64, milliseconds: UInt64)] = []
+    static let bandwidthWindows = 10
+
     mutating func windowMeasured(pageBytes: UInt64, milliseconds: UInt64) {
         guard milliseconds > 0 else { return }
-        let sample = Double(pageBytes) / Double(milliseconds)
-        bandwidth = bandwidth == 0 ? sample : (bandwidth + sample) / 2
+        windows.append((pageBytes, milliseconds))
+        if windows.count > Self.bandwidthWindows { windows.removeFirst(windows.count - Self.bandwidthWindows) }
+        let bytes = windows.reduce(0) { $0 + $1.bytes }
+        let time = windows.reduce(0) { $0 + $1.milliseconds }
+        bandwidth = Double(bytes) / Double(time)
     }
 
     /// A pass ended at `now` and the sync found `dirtied` bytes, with the vCPUs throttled to
@@ -52,9 +63,12 @@ struct MigrationForecaster {
             measuredDirtyRate(Double(dirtied) / Double(elapsed), throttle: throttle)
         }
         largestDirtySet = max(largestDirtySet, dirtied)
+        lastPassBytes = dirtied
         passStart = now
         sampledThisPass = false
     }
+    /// What the pass now running found dirty when it began (nil in the first pass).
+    private var lastPassBytes: UInt64?
 
     /// A mid-pass sample: `bytes` of distinct pages dirtied in `milliseconds` under `throttle` %.
     mutating func dirtySampled(bytes: UInt64, milliseconds: UInt64, throttle: Int = 0) {
@@ -97,17 +111,22 @@ struct MigrationForecaster {
             let workingSet = Double(max(passesDone == 0 ? max(memorySize, largestDirtySet) : largestDirtySet, 1))
             // The current pass ends; what it leaves dirty is the next pass, and so on.
             var dirtyNext = min(rate * max(Double(now - passStart) + total, 1), workingSet)
+            var previous = Double(lastPassBytes ?? max(pending, memorySize))
             while passesDone + passes < Self.maximumPasses {
-                if dirtyNext <= finalLimit {
+                let anotherPassPays = ConvergencePolicy.anotherPassPays(
+                    pending: UInt64(dirtyNext), previous: UInt64(previous), passes: passesDone + passes + 1)
+                if dirtyNext <= finalLimit && !anotherPassPays {
                     converges = true
                     remaining = dirtyNext
                     break
                 }
                 let time = dirtyNext / perMillisecond
                 let following = min(rate * time, workingSet)
-                if following >= dirtyNext * 0.95 { break } // the passes no longer shrink
+                // The passes no longer shrink (a pass the policy would add anyway shrinks by half).
+                if following >= dirtyNext * 0.95 && !(dirtyNext <= finalLimit) { break }
                 total += time
                 passes += 1
+                previous = dirtyNext
                 dirtyNext = following
             }
         } else {

@@ -52,8 +52,16 @@ final class RawPageDecoder: PageDecoder {
         let destination = try guestPages(memory, offset: offset, count: count, "page")
         let data = try body.take(Int(count * MigrationStreamFormat.pageSize), "page data")
         try body.finish("a page run")
-        destination.copyMemory(from: data.baseAddress!, byteCount: data.count)
+        memory.place(atOffset: UInt64(destination - memory.hostBase), from: data.baseAddress!, count: data.count)
         return count
+    }
+}
+
+/// Writes a decoded batch's pages (held one after another from `scratch`) into guest memory.
+func placePages(_ entries: [(pointer: UnsafeMutableRawPointer, length: Int)], from scratch: UnsafeMutableRawPointer,
+                pageSize: Int, into memory: GuestMemory) {
+    for (index, entry) in entries.enumerated() {
+        memory.place(atOffset: UInt64(entry.pointer - memory.hostBase), from: scratch + index * pageSize, count: pageSize)
     }
 }
 
@@ -109,7 +117,7 @@ final class XBZRLEPageDecoder: PageDecoder {
                 throw MigrationStreamError("an XBZRLE delta for the page at host offset \(entry.pointer - memory.hostBase) is malformed")
             }
         }
-        for (index, entry) in entries.enumerated() { entry.pointer.copyMemory(from: scratch + index * pageSize, byteCount: pageSize) }
+        placePages(entries, from: scratch, pageSize: pageSize, into: memory)
         return UInt64(entries.count)
     }
 }
@@ -151,7 +159,7 @@ final class CompressedPageDecoder: PageDecoder, @unchecked Sendable {
         for index in 0..<entries.count where !results[index] {
             throw MigrationStreamError("the compressed page at host offset \(entries[index].pointer - memory.hostBase) does not decompress to one page")
         }
-        for (index, entry) in entries.enumerated() { entry.pointer.copyMemory(from: scratch + index * pageSize, byteCount: pageSize) }
+        placePages(entries, from: scratch, pageSize: pageSize, into: memory)
         return UInt64(entries.count)
     }
 }

@@ -46,6 +46,9 @@ public enum HelpText {
       -m SIZE              Guest RAM: 512 (MiB), 512M, 2G. Default 512M. RAM is reserved
                            lazily, so a large -m costs nothing until the guest uses it.
                            RAM above 3G is placed above 4G, leaving the PCI hole.
+      -mem-prealloc        Allocate all guest RAM at start instead of at first touch: a
+                           destination started ahead of a migration then receives RAM
+                           without paying for fresh memory (docs/performance.md).
       -smp N               Number of vCPUs, 1 to 64 (also cpus=N[,sockets=..,cores=..]).
       -cpu host[,+invtsc]  The host CPU (the only model). +invtsc exposes the invariant TSC.
       -machine accel=kvm   Accepted for QEMU compatibility; tern only runs on KVM.

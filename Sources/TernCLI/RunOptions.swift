@@ -19,7 +19,7 @@ public struct RunOptions: Equatable {
     ]
     /// Options without a value.
     static let flags: Set<String> = [
-        "S", "nographic", "nodefaults", "no-user-config", "enable-kvm", "no-reboot", "h", "help",
+        "S", "nographic", "nodefaults", "no-user-config", "enable-kvm", "no-reboot", "h", "help", "mem-prealloc",
     ]
 
     public init() {}
@@ -47,6 +47,7 @@ public struct RunOptions: Equatable {
                 switch name {
                 case "S": configuration.startPaused = true
                 case "nodefaults": noDefaults = true
+                case "mem-prealloc": configuration.preallocateMemory = true
                 case "h", "help": showHelp = true
                 default: break // -nographic, -no-user-config, -enable-kvm, -no-reboot: tern's only behaviour
                 }

@@ -46,7 +46,7 @@ struct CommandLineTests {
         let options = try RunOptions(arguments: [
             "-m", "1G", "-smp", "2", "-kernel", "/k", "-initrd", "/i", "-append", "quiet", "-serial", "file:/tmp/x",
             "-S", "-name", "vm1", "-nographic", "-display", "none", "-nodefaults", "-no-user-config", "-enable-kvm",
-            "-machine", "accel=kvm", "-cpu", "host", "-no-reboot", "--accel", "kvm",
+            "-machine", "accel=kvm", "-cpu", "host", "-no-reboot", "--accel", "kvm", "-mem-prealloc",
         ])
         let configuration = options.configuration
         #expect(configuration.memorySize == 1 << 30)
@@ -56,6 +56,8 @@ struct CommandLineTests {
         #expect(configuration.startPaused)
         #expect(configuration.name == "vm1")
         #expect(!configuration.exposeInvariantTSC)
+        #expect(configuration.preallocateMemory)
+        #expect(try !RunOptions(arguments: []).configuration.preallocateMemory)
     }
 
     @Test("option=value and double-dash forms")

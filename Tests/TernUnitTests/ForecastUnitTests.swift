@@ -58,6 +58,19 @@ struct ForecastUnitTests {
         #expect(forecast.expectedDowntimeMilliseconds <= 1)
     }
 
+    @Test("a set that halves each pass gets more passes, as the switchover test gives them: the stop is the tail")
+    func halvingPassesShrinkTheStop() {
+        // 30 MB dirtied in a 1 s pass (30 000 B/ms) over a 100 000 B/ms link; 300 ms allows 30 MB.
+        // The next set (9 MB) fits the limit, but it is under half the last one, so the policy
+        // runs another pass, and so on: 2.7 MB, 0.81 MB, then 0.24 MB, under 256 KiB, goes.
+        let (forecaster, now) = forecaster(bandwidth: 100_000, dirtied: [30_000_000], passMilliseconds: 1000)
+        let forecast = forecaster.forecast(now: now, pending: 30_000_000, passesDone: 1, downtimeLimit: 300)
+        #expect(forecast.converges)
+        #expect(forecast.remainingPasses == 4, "\(forecast)")
+        #expect(forecast.expectedDowntimeMilliseconds <= 3, "a limit's worth (90 ms) is what the old model said: \(forecast)")
+        #expect(forecast.etaMilliseconds >= 300 + 90 + 27 + 8 && forecast.etaMilliseconds < 440, "\(forecast)")
+    }
+
     func ladder(budget: UInt64 = 10_000, postcopy: Bool = false, maximum: Int = 99) -> EscalationLadder {
         EscalationLadder(settings: SLOSettings(totalBudget: budget, postcopyAllowed: postcopy,
                                                throttleInitial: 20, throttleIncrement: 10, throttleMaximum: maximum))

@@ -20,6 +20,11 @@ int64_t cguest_seek_hole(int fd, int64_t offset);
 /// Returns 0 or -errno.
 int cguest_punch_hole(int fd, int64_t offset, int64_t length);
 
+/// Makes `length` bytes at `pointer` (page-aligned, in a shared mapping) present and writable
+/// now rather than at the first touch (MADV_POPULATE_WRITE; on a kernel before 5.14, a write
+/// of zero to each page, which only ever runs on fresh, all-zero memory). 0 or -errno.
+int cguest_populate(void *pointer, size_t length, size_t page_size);
+
 /// Whether `length` bytes (a multiple of 8) at `pointer` are all zero.
 int cguest_is_zero(const void *pointer, size_t length);
 
