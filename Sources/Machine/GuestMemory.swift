@@ -47,6 +47,11 @@ public final class GuestMemory: @unchecked Sendable {
     /// Pages tern itself wrote while dirty tracking was on; merged into the next dirty sync.
     let hostWrites = HostWriteLog()
 
+    /// Pages `place` or `preallocate` made present, so that placing over them again is a plain
+    /// copy through the mapping instead of a `pwrite` (a system call per run, and a page-cache
+    /// walk per page). Only the migration loader places pages; `discard` clears the bits.
+    private var placedPages: DirtyBitmap
+
     public init(layout: GuestMemoryLayout) throws(GuestMemoryError) {
         self.layout = layout
         let fd = cguest_memfd_create("tern-guest-ram")
@@ -60,6 +65,7 @@ public final class GuestMemory: @unchecked Sendable {
         }
         self.descriptor = fd
         self.hostBase = base
+        self.placedPages = DirtyBitmap(pageCount: Int((layout.ramSize + DirtyBitmap.pageSize - 1) / DirtyBitmap.pageSize))
     }
 
     deinit {
@@ -86,18 +92,31 @@ public final class GuestMemory: @unchecked Sendable {
         return extents
     }
 
+    /// Whether every page of the range (checked to lie in RAM) was made present by `place` or
+    /// `preallocate` and not discarded since.
+    public func isPlaced(offset: UInt64, length: UInt64) -> Bool {
+        guard length > 0, pointer(atOffset: offset, length: length) != nil else { return false }
+        let pageSize = DirtyBitmap.pageSize
+        return placedPages.nextClear(from: Int(offset / pageSize)) >= Int((offset + length + pageSize - 1) / pageSize)
+    }
+
     /// Allocates all of RAM now (`-mem-prealloc`), so that neither the guest nor an incoming
     /// migration pays for fresh memory later: on this host a first touch costs 3-15 µs per
     /// page (docs/performance.md), which made it most of a destination's time.
     public func preallocate() throws(GuestMemoryError) {
         let result = cguest_populate(hostBase, Int(layout.ramSize), 4096)
         guard result == 0 else { throw .preallocationFailed(size: layout.ramSize, errno: -result) }
+        placedPages = DirtyBitmap(pageCount: placedPages.pageCount, allSet: true)
     }
 
     /// Makes a range read as zero again, freeing its memory (FALLOC_FL_PUNCH_HOLE): how a
     /// destination applies a run of zero pages without allocating them.
     public func discard(offset: UInt64, length: UInt64) -> Bool {
         guard offset + length <= layout.ramSize else { return false }
+        let pageSize = DirtyBitmap.pageSize
+        for page in Int(offset / pageSize)..<Int(min((offset + length + pageSize - 1) / pageSize, UInt64(placedPages.pageCount))) {
+            placedPages.clear(page)
+        }
         return cguest_punch_hole(descriptor, Int64(offset), Int64(length)) == 0
     }
 
@@ -134,6 +153,15 @@ public final class GuestMemory: @unchecked Sendable {
     @discardableResult
     public func place(atOffset offset: UInt64, from source: UnsafeRawPointer, count: Int) -> Bool {
         guard count >= 0, let destination = pointer(atOffset: offset, length: UInt64(count)) else { return false }
+        let pageSize = Int(DirtyBitmap.pageSize)
+        let pages = Int(offset) / pageSize..<(Int(offset) + count + pageSize - 1) / pageSize
+        if placedPages.nextClear(from: pages.lowerBound) >= pages.upperBound {
+            destination.copyMemory(from: source, byteCount: count)
+            return true
+        }
+        if offset % UInt64(pageSize) == 0 && count % pageSize == 0 {
+            for page in pages { placedPages.set(page) }
+        }
         var done = 0
         while done < count {
             let written = pwrite(descriptor, source + done, count - done, off_t(offset) + off_t(done))

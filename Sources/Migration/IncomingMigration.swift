@@ -131,6 +131,12 @@ final class IncomingMigration {
             }
         }
         guard ram != nil, devices != nil else { throw MigrationStreamError("the stream has no RAM or no device-state section") }
+        if let ramLoader = ram, let ramID = configuration.sections.first(where: { $0.name == "ram" })?.id {
+            records.placementPrefix = IncomingRAMSection.directPrefix
+            records.placement = { [unowned ramLoader] section, prefix, length in
+                section == ramID ? ramLoader.directTarget(prefix: prefix, bodyLength: length) : nil
+            }
+        }
         while true {
             do {
                 if let state = try loadRecord(progress: progress) { return state }

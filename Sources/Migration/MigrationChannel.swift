@@ -18,7 +18,9 @@ public struct MigrationStreamError: Error, CustomStringConvertible, Equatable {
 final class MigrationStreamWriter {
     let descriptor: Int32
     private var buffer: [UInt8] = []
-    private let bufferCapacity = 256 << 10
+    /// Bytes gathered before a send: 1 MiB rather than 256 KiB cut the paused-source 512 MiB
+    /// migration from 407 to 327 ms here (fewer sends and receiver wake-ups; docs/performance.md).
+    private let bufferCapacity = 1 << 20
     private var recordStart: Int?
     /// Whether records carry a CRC32C (the `x-checksum` parameter).
     var checksums = true

@@ -191,6 +191,7 @@ final class OutgoingMigration: @unchecked Sendable {
                 }
             }
             if limiter.isExhausted(position: writer.position) {
+                writer.flush() // nothing waits in the buffer while the window sleeps
                 usleep(UInt32(max(limiter.millisecondsLeft(now: now), 1) * 1000))
             }
         }

@@ -39,6 +39,10 @@ final class ZeroPageDecoder: PageDecoder {
 func zeroGuestPages(_ memory: GuestMemory, offset: UInt64, length: UInt64) {
     let pageSize = MigrationStreamFormat.pageSize
     if length >= 64 * pageSize, memory.discard(offset: offset, length: length) { return }
+    if memory.isPlaced(offset: offset, length: length) { // present: no need to look for holes
+        cguest_zero_pages(memory.hostBase + Int(offset), Int(length), Int(pageSize))
+        return
+    }
     for extent in memory.dataExtents(offset: offset, length: length) {
         cguest_zero_pages(memory.hostBase + Int(extent.offset), Int(extent.length), Int(pageSize))
     }

@@ -20,6 +20,14 @@ final class StreamRecordReader {
     private(set) var bodyLength = 0
     private(set) var recordsRead: UInt64 = 0
 
+    /// Where a SECTION_DATA record's bulk may go directly, saving a copy: asked with the
+    /// record's section id, its first `placementPrefix` body bytes and its body length, it
+    /// answers with memory for the rest of the body, or nil to read the record as usual. The
+    /// record's checksum is then checked over what landed there, and a damaged record fails
+    /// the load as any other (the bytes stay inside the memory the section vouched for).
+    var placement: ((_ section: UInt16, _ prefix: UnsafeRawBufferPointer, _ bodyLength: Int) -> UnsafeMutableRawPointer?)?
+    var placementPrefix = 0
+
     init(reader: MigrationStreamReader) {
         self.reader = reader
         body.reserveCapacity(1 << 20)
@@ -41,12 +49,34 @@ final class StreamRecordReader {
             throw MigrationStreamError("record \(typeName) at byte \(offset) claims \(length) bytes (at most \(StreamRecordFraming.maximumBodyLength))")
         }
         if body.count < length { body = [UInt8](repeating: 0, count: max(length, 1 << 20)) }
-        if length > 0 { try reader.read(into: &body, count: length) }
-        bodyLength = length
+        var placed: (pointer: UnsafeMutableRawPointer, count: Int)?
+        if let placement, placementPrefix > 0, length > placementPrefix, header[0] == StreamRecordType.sectionData.rawValue {
+            try reader.read(into: &body, count: placementPrefix)
+            let target = body.withUnsafeBytes { placement(section, UnsafeRawBufferPointer(rebasing: $0[0..<placementPrefix]), length) }
+            if let target {
+                try reader.read(into: target, count: length - placementPrefix)
+                placed = (target, length - placementPrefix)
+                bodyLength = placementPrefix
+            } else {
+                let prefix = placementPrefix
+                let failure = body.withUnsafeMutableBytes { raw -> MigrationStreamError? in
+                    do throws(MigrationStreamError) {
+                        try reader.read(into: raw.baseAddress! + prefix, count: length - prefix)
+                        return nil
+                    } catch { return error }
+                }
+                if let failure { throw failure }
+                bodyLength = length
+            }
+        } else {
+            if length > 0 { try reader.read(into: &body, count: length) }
+            bodyLength = length
+        }
         if flags & StreamRecordFraming.checksumFlag != 0 {
             let expected = try reader.read(UInt32.self)
             var crc = header.withUnsafeBytes { cpage_crc32c(0, $0.baseAddress!, $0.count) }
-            crc = body.withUnsafeBytes { cpage_crc32c(crc, $0.baseAddress!, length) }
+            crc = body.withUnsafeBytes { cpage_crc32c(crc, $0.baseAddress!, bodyLength) }
+            if let placed { crc = cpage_crc32c(crc, placed.pointer, placed.count) }
             guard crc == expected else {
                 throw MigrationStreamError("record \(typeName) at byte \(offset) fails its checksum (the stream was damaged)")
             }

@@ -194,6 +194,42 @@ struct StreamV2LoaderTests {
         #expect(result.error?.contains("did not announce") == true)
     }
 
+    @Test("a re-sent raw run is read straight into present guest memory; damaged, it still fails its checksum")
+    func directPlacement() throws {
+        // Pass 1 places pages 8..<12 (pwrite: they become present); pass 2 re-sends them with new
+        // contents, which the reader puts straight into guest memory. Pages 20..<22 are present
+        // before the load (a preallocated destination), so their first run goes direct too.
+        func run(_ w: MigrationStreamWriter, first: Int, count: Int, seed: Int) {
+            ramRecord(w) { r in
+                r.append(PageEncoding.raw.rawValue); r.append(UInt64(first * Self.page)); r.append(UInt32(count))
+                for page in 0..<count { r.append(bytes: pattern(seed + page)) }
+            }
+        }
+        let bytes = try stream { w in
+            run(w, first: 8, count: 4, seed: 1)
+            run(w, first: 8, count: 4, seed: 50)
+            run(w, first: 20, count: 2, seed: 90)
+            finish(w)
+        }
+        let preallocated: (MemoryOnlyTarget) -> Void = { target in
+            var zero = [UInt8](repeating: 0, count: 2 * Self.page)
+            _ = zero.withUnsafeMutableBytes { target.memory.place(atOffset: UInt64(20 * Self.page), from: $0.baseAddress!, count: $0.count) }
+        }
+        let result = try load(bytes, prepare: preallocated)
+        #expect(result.error == nil)
+        var expected = [UInt8](repeating: 0, count: Int(Self.ram))
+        for page in 0..<4 { expected.replaceSubrange((8 + page) * Self.page..<(9 + page) * Self.page, with: pattern(50 + page)) }
+        for page in 0..<2 { expected.replaceSubrange((20 + page) * Self.page..<(21 + page) * Self.page, with: pattern(90 + page)) }
+        #expect(result.target.bytes == expected)
+        #expect(result.target.memory.isPlaced(offset: UInt64(8 * Self.page), length: UInt64(4 * Self.page)))
+
+        // A flipped byte in the second run's data (read straight into memory) fails the load.
+        let secondRunData = bytes.count - 3 * Self.page - 200
+        var damaged = bytes
+        damaged[secondRunData] ^= 0x01
+        #expect(try load(damaged, prepare: preallocated).error?.contains("fails its checksum") == true)
+    }
+
     @Test("framing: damaged bytes fail the checksum; unknown optional records are skipped, required ones refused")
     func framing() throws {
         let good = try stream { w in
