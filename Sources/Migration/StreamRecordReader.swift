@@ -13,7 +13,9 @@ struct StreamRecord {
 
 /// Reads version 2 records: checks each header's flags and length before reading the body
 /// into a reused buffer, and its CRC32C before handing the body out, so no decoder ever sees
-/// bytes that were damaged on the way.
+/// bytes that were damaged on the way. (A section may take a record's bulk straight into its
+/// own memory instead, `placement`: then the CRC is checked over what landed, before the
+/// section is told the record is whole.)
 final class StreamRecordReader {
     private let reader: MigrationStreamReader
     private var body: [UInt8] = []
