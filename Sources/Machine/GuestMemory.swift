@@ -96,8 +96,14 @@ public final class GuestMemory: @unchecked Sendable {
     /// `preallocate` and not discarded since.
     public func isPlaced(offset: UInt64, length: UInt64) -> Bool {
         guard length > 0, pointer(atOffset: offset, length: length) != nil else { return false }
+        let pages = Self.pages(offset: offset, length: length)
+        return placedPages.nextClear(from: pages.lowerBound) >= pages.upperBound
+    }
+
+    /// The pages a byte range (already checked to lie in RAM) touches, whole or in part.
+    private static func pages(offset: UInt64, length: UInt64) -> Range<Int> {
         let pageSize = DirtyBitmap.pageSize
-        return placedPages.nextClear(from: Int(offset / pageSize)) >= Int((offset + length + pageSize - 1) / pageSize)
+        return Int(offset / pageSize)..<Int((offset + length + pageSize - 1) / pageSize)
     }
 
     /// Allocates all of RAM now (`-mem-prealloc`), so that neither the guest nor an incoming
@@ -113,10 +119,7 @@ public final class GuestMemory: @unchecked Sendable {
     /// destination applies a run of zero pages without allocating them.
     public func discard(offset: UInt64, length: UInt64) -> Bool {
         guard offset + length <= layout.ramSize else { return false }
-        let pageSize = DirtyBitmap.pageSize
-        for page in Int(offset / pageSize)..<Int(min((offset + length + pageSize - 1) / pageSize, UInt64(placedPages.pageCount))) {
-            placedPages.clear(page)
-        }
+        for page in Self.pages(offset: offset, length: length) { placedPages.clear(page) }
         return cguest_punch_hole(descriptor, Int64(offset), Int64(length)) == 0
     }
 
@@ -153,14 +156,13 @@ public final class GuestMemory: @unchecked Sendable {
     @discardableResult
     public func place(atOffset offset: UInt64, from source: UnsafeRawPointer, count: Int) -> Bool {
         guard count >= 0, let destination = pointer(atOffset: offset, length: UInt64(count)) else { return false }
-        let pageSize = Int(DirtyBitmap.pageSize)
-        let pages = Int(offset) / pageSize..<(Int(offset) + count + pageSize - 1) / pageSize
-        if placedPages.nextClear(from: pages.lowerBound) >= pages.upperBound {
+        if isPlaced(offset: offset, length: UInt64(count)) {
             destination.copyMemory(from: source, byteCount: count)
             return true
         }
+        let pageSize = Int(DirtyBitmap.pageSize)
         if offset % UInt64(pageSize) == 0 && count % pageSize == 0 {
-            for page in pages { placedPages.set(page) }
+            for page in Self.pages(offset: offset, length: UInt64(count)) { placedPages.set(page) }
         }
         var done = 0
         while done < count {

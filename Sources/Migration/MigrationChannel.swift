@@ -194,12 +194,12 @@ final class MigrationStreamReader {
         bytesRead += UInt64(count)
     }
 
-    /// Reads exactly `count` bytes into the start of `bytes` (which must be large enough).
-    func read(into bytes: inout [UInt8], count: Int) throws(MigrationStreamError) {
-        precondition(bytes.count >= count)
+    /// Reads exactly `count` bytes into `bytes` from index `start` (which must leave room).
+    func read(into bytes: inout [UInt8], at start: Int = 0, count: Int) throws(MigrationStreamError) {
+        precondition(start >= 0 && bytes.count - start >= count)
         guard count > 0 else { return }
         let failure = bytes.withUnsafeMutableBytes { raw -> MigrationStreamError? in
-            do throws(MigrationStreamError) { try read(into: raw.baseAddress!, count: count); return nil } catch { return error }
+            do throws(MigrationStreamError) { try read(into: raw.baseAddress! + start, count: count); return nil } catch { return error }
         }
         if let failure { throw failure }
     }

@@ -113,17 +113,17 @@ struct MigrationForecaster {
             var dirtyNext = min(rate * max(Double(now - passStart) + total, 1), workingSet)
             var previous = Double(lastPassBytes ?? max(pending, memorySize))
             while passesDone + passes < Self.maximumPasses {
-                let anotherPassPays = ConvergencePolicy.anotherPassPays(
-                    pending: UInt64(dirtyNext), previous: UInt64(previous), passes: passesDone + passes + 1)
-                if dirtyNext <= finalLimit && !anotherPassPays {
+                let fits = dirtyNext <= finalLimit
+                if fits && !ConvergencePolicy.anotherPassPays(
+                    pending: UInt64(dirtyNext), previous: UInt64(previous), passes: passesDone + passes + 1) {
                     converges = true
                     remaining = dirtyNext
                     break
                 }
                 let time = dirtyNext / perMillisecond
                 let following = min(rate * time, workingSet)
-                // The passes no longer shrink (a pass the policy would add anyway shrinks by half).
-                if following >= dirtyNext * 0.95 && !(dirtyNext <= finalLimit) { break }
+                // The passes no longer shrink (a pass the policy adds to a set that fits goes on).
+                if !fits && following >= dirtyNext * 0.95 { break }
                 total += time
                 passes += 1
                 previous = dirtyNext

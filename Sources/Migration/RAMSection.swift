@@ -316,25 +316,22 @@ final class IncomingRAMSection: IncomingLiveSection {
 
     /// A raw run's header (encoding, offset, count): the reader offers it before the data.
     static let directPrefix = 13
-    /// The run whose data the reader put straight into guest memory, for the `load` that follows.
-    private var placedDirectly: (offset: UInt64, count: UInt64)?
+    /// Pages of the run the reader put straight into guest memory, for the `load` that follows.
+    private var placedDirectly: UInt64?
 
     /// Where a raw run's page data may be read straight into guest memory: a whole checked run
     /// of pages already present (so the read faults in nothing fresh, which `place` does
     /// better), before postcopy (whose pages go in through userfaultfd). Nil: the usual path.
     func directTarget(prefix: UnsafeRawBufferPointer, bodyLength: Int) -> UnsafeMutableRawPointer? {
+        let header = ByteCursor(prefix)
         guard postcopy == nil, decoders[.raw] != nil, prefix.count == Self.directPrefix,
-              prefix[0] == PageEncoding.raw.rawValue else { return nil }
-        var offset: UInt64 = 0
-        var count: UInt64 = 0
-        for index in 0..<8 { offset |= UInt64(prefix[1 + index]) << (8 * index) }
-        for index in 0..<4 { count |= UInt64(prefix[9 + index]) << (8 * index) }
-        let pageSize = MigrationStreamFormat.pageSize
-        guard count > 0, count <= UInt64(MigrationStreamFormat.maximumPagesPerRecord),
-              UInt64(bodyLength) == UInt64(Self.directPrefix) + count * pageSize,
-              let pointer = try? guestPages(memory, offset: offset, count: count, "page"),
-              memory.isPlaced(offset: offset, length: count * pageSize) else { return nil }
-        placedDirectly = (offset, count)
+              (try? header.read(UInt8.self, "page encoding")) == PageEncoding.raw.rawValue,
+              let offset = try? header.read(UInt64.self, "page run offset"),
+              let count = (try? header.read(UInt32.self, "page run count")).map(UInt64.init),
+              let pointer = try? guestPages(memory, offset: offset, count: count, "page"), // the decoder's checks
+              UInt64(bodyLength) == UInt64(Self.directPrefix) + count * MigrationStreamFormat.pageSize,
+              memory.isPlaced(offset: offset, length: count * MigrationStreamFormat.pageSize) else { return nil }
+        placedDirectly = count
         return pointer
     }
 
@@ -344,7 +341,7 @@ final class IncomingRAMSection: IncomingLiveSection {
             guard body.remaining == Self.directPrefix else {
                 throw MigrationStreamError("a RAM record read into guest memory came back with \(body.remaining) body bytes")
             }
-            pagesLoaded += placed.count
+            pagesLoaded += placed
             return
         }
         let raw = try body.read(UInt8.self, "page encoding")

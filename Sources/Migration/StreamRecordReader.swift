@@ -60,14 +60,7 @@ final class StreamRecordReader {
                 placed = (target, length - placementPrefix)
                 bodyLength = placementPrefix
             } else {
-                let prefix = placementPrefix
-                let failure = body.withUnsafeMutableBytes { raw -> MigrationStreamError? in
-                    do throws(MigrationStreamError) {
-                        try reader.read(into: raw.baseAddress! + prefix, count: length - prefix)
-                        return nil
-                    } catch { return error }
-                }
-                if let failure { throw failure }
+                try reader.read(into: &body, at: placementPrefix, count: length - placementPrefix)
                 bodyLength = length
             }
         } else {
