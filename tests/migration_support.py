@@ -234,7 +234,8 @@ async def wait_migration(qmp: QMPClient, vm: VM, wanted: Iterable[str] = ("compl
                          timeout: float = MIGRATION_TIMEOUT,
                          final: Iterable[str] = ("completed", "failed", "cancelled")) -> dict:
     """Polls query-migrate until its status is one of `wanted`; fails at once on another status
-    in `final`, or after `timeout`."""
+    in `final`, or after `timeout`. A destination's guest starts before its status says completed
+    (QEMU's order), so a test that saw it running still waits here rather than reading once."""
     wanted, final = set(wanted), set(final)
     deadline = time.monotonic() + timeout
     info: dict = {}

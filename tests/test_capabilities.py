@@ -131,7 +131,7 @@ async def compare_and_resume(src: VM, dst: VM) -> None:
     the guest on, and its self-check passes."""
     async with session(src) as s, session(dst) as d:
         await wait_status(d, dst, "paused", timeout=10)
-        incoming = await execute(d, "query-migrate")
+        incoming = await wait_migration(d, dst, wanted=("completed",), timeout=5)
         assert incoming.get("status") == "completed", f"destination query-migrate: {incoming}"
         source = await execute(s, "x-query-memory-digest", timeout=20)
         destination = await execute(d, "x-query-memory-digest", timeout=20)

@@ -95,7 +95,7 @@ async def migrate(src: VM, dst: VM, uri: str, *, speed: int = UNLIMITED, dst_sta
         info = await wait_migration(s, src)
         await check_source_completed(s, src, info)
         await wait_status(d, dst, dst_state)
-        incoming = await execute(d, "query-migrate")
+        incoming = await wait_migration(d, dst, wanted=("completed",), timeout=5)
         assert incoming.get("status") == "completed", f"destination query-migrate: {incoming}"
         return info
 
@@ -122,7 +122,7 @@ async def test_migrate_tcp(launch, smp, defer):
             await execute(d, "migrate-incoming", {"uri": uri})
     info = await migrate(src, dst, uri)
     async with session(dst) as d:
-        incoming = await execute(d, "query-migrate")
+        incoming = await wait_migration(d, dst, wanted=("completed",), timeout=5)
     # tern's extensions on the destination: the bytes it read are the bytes the source sent.
     assert incoming.get("x-bytes-read") == info["ram"]["transferred"], \
         f"destination read {incoming.get('x-bytes-read')} bytes, source counted {info['ram']['transferred']}"
@@ -207,7 +207,7 @@ async def test_migrate_exec_save_and_restore(launch, saved_stream):
     dst = launch("dst", incoming=f"exec:cat {saved_stream['path']}")
     async with session(dst) as d:
         await wait_status(d, dst, "running", timeout=15)
-        incoming = await execute(d, "query-migrate")
+        incoming = await wait_migration(d, dst, wanted=("completed",), timeout=5)
         assert incoming.get("status") == "completed" and incoming.get("x-bytes-read") == len(data), incoming
     await dst.assert_guest_continues(saved_stream["last_pass"])
 
@@ -228,7 +228,7 @@ async def test_restore_version1_stream(launch, saved_stream, tmp_path):
     dst = launch("dst", incoming=f"exec:cat {path}", paused=True)
     async with session(dst) as d:
         await wait_status(d, dst, "paused", timeout=15)
-        incoming = await execute(d, "query-migrate")
+        incoming = await wait_migration(d, dst, wanted=("completed",), timeout=5)
         assert incoming.get("status") == "completed" and incoming.get("x-bytes-read") == len(old), incoming
         digest = await execute(d, "x-query-memory-digest", timeout=20)
         assert digest == saved_stream["digest"], f"RAM after a version 1 load {digest}, saved {saved_stream['digest']}"
@@ -460,7 +460,7 @@ async def restore_must_succeed(launch, data: bytes, workdir, last_pass: int, wha
             await wait_status(d, dst, "running", timeout=15)
         except AssertionError as error:
             raise AssertionError(f"{what}: the destination did not load the stream: {error}") from None
-        incoming = await execute(d, "query-migrate")
+        incoming = await wait_migration(d, dst, wanted=("completed",), timeout=5)
         assert incoming.get("status") == "completed" and incoming.get("x-bytes-read") == len(data), (what, incoming)
     await dst.assert_guest_continues(last_pass)
 
