@@ -43,6 +43,9 @@ public final class MigrationController: @unchecked Sendable {
         var incomingConnection: MigrationConnection?
         var incomingPostcopy: PostcopyDestination?
         var recoveryPending = false
+        /// The source has sent its last record (END): the destination may already run the
+        /// guest, so a cancel can no longer take it back and the destination's verdict decides.
+        var switchoverCommitted = false
     }
     /// Where `migrate ... resume` hands its connection to the paused source thread.
     let resumeHandoff = ConnectionHandoff()
@@ -251,6 +254,7 @@ public final class MigrationController: @unchecked Sendable {
         }
         let plan = state.withLock { state in
             state.connection = connection
+            state.switchoverCommitted = false
             return MigrationPlan(capabilities: state.capabilities, parameters: state.parameters, xbzrleCacheSize: state.xbzrleCacheSize)
         }
         let outgoing = OutgoingMigration(machine: machine, controller: self, connection: connection, plan: plan)
@@ -277,7 +281,24 @@ public final class MigrationController: @unchecked Sendable {
         }
         guard current == .setup || current == .active else { return }
         if transition(from: current, to: .cancelling) {
-            state.withLock { $0.connection }?.shutdownIO()
+            let (connection, committed) = state.withLock { ($0.connection, $0.switchoverCommitted) }
+            if committed {
+                log("migrate_cancel came after the last record was sent: the destination's verdict decides")
+            } else {
+                connection?.shutdownIO()
+            }
+        }
+    }
+
+    /// The migration thread is about to send its last record: from here a cancel neither cuts
+    /// the connection nor stops the migration (the destination loads and runs the guest once it
+    /// has END, so the source must follow its verdict, or both would run it). False if a cancel
+    /// came first.
+    func commitSwitchover() -> Bool {
+        state.withLock { state in
+            guard state.statistics.status == .active else { return false }
+            state.switchoverCommitted = true
+            return true
         }
     }
 

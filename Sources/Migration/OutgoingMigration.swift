@@ -261,6 +261,7 @@ final class OutgoingMigration: @unchecked Sendable {
                 if let error = writer.error { throw error }
                 guard controller.status == .active else { throw MigrationStreamError("cancelled") }
             }
+            guard controller.commitSwitchover() else { throw MigrationStreamError("cancelled") }
             writer.record(.sourceStopped, required: false) { $0.append(stoppedAt) }
             let records = writer.recordsWritten
             writer.record(.end, required: true) { $0.append(records) }
@@ -307,7 +308,10 @@ final class OutgoingMigration: @unchecked Sendable {
         }
         let closeError = connection.close()
         let status = controller.status
-        if failure == nil && closeError == nil && (status == .active || status == .postcopyActive) && stats.downtime != nil {
+        // A cancel after the last record was sent (.cancelling here) is too late to stop it:
+        // the destination has confirmed and may run the guest already.
+        if failure == nil && closeError == nil && (status == .active || status == .postcopyActive || status == .cancelling)
+            && stats.downtime != nil {
             stats.totalTime = WallClock.milliseconds() - stats.startMilliseconds
             stats.remaining = 0
             stats.dirtyPagesRate = 0
