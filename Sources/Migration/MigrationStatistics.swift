@@ -98,10 +98,13 @@ public enum WallClock {
     static func milliseconds() -> UInt64 { nanoseconds() / 1_000_000 }
 
     /// Monotonic milliseconds, for intervals.
-    static func monotonicMilliseconds() -> UInt64 {
+    static func monotonicMilliseconds() -> UInt64 { monotonicNanoseconds() / 1_000_000 }
+
+    /// Monotonic nanoseconds, for short intervals.
+    static func monotonicNanoseconds() -> UInt64 {
         var now = timespec()
         clock_gettime(CLOCK_MONOTONIC, &now)
-        return UInt64(now.tv_sec) * 1000 + UInt64(now.tv_nsec) / 1_000_000
+        return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
     }
 }
 

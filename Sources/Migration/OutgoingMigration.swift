@@ -35,6 +35,8 @@ final class OutgoingMigration: @unchecked Sendable {
     private var lastPassDirtied: UInt64 = 0
     /// The pass whose dirty rate was sampled mid-pass (none yet: .max).
     var sampledPass: UInt64 = .max
+    /// When the dirty log was last sampled mid-pass (monotonic ms).
+    var lastDirtySample: UInt64 = 0
     /// The stream position when postcopy's guest started on the destination.
     var postcopyStart: UInt64?
     /// How long the source waits at the end for the destination's verdict.
@@ -92,6 +94,8 @@ final class OutgoingMigration: @unchecked Sendable {
             ramSettings.mayAdd = [.xbzrle, controller.parameters.compressionMethod == .zstd ? .zstd : .zlib]
             ramSettings.probeSavings = true
         }
+        // With XBZRLE on, the forecast prices re-sends at the deltas the probe measures.
+        if ramSettings.xbzrleCacheSize != nil { ramSettings.probeSavings = true }
         let ram = try OutgoingRAMSection(machine: machine, settings: ramSettings, log: controller.log)
         sections = [ram, OutgoingDeviceStateSection(machine: machine)]
         if let settings = plan.autoConverge {
@@ -184,11 +188,12 @@ final class OutgoingMigration: @unchecked Sendable {
             let now = WallClock.monotonicMilliseconds()
             if let window = limiter.closeWindowIfElapsed(now: now, position: writer.position) {
                 windowClosed = true
-                windowClosedWith(window)
-                limiter.limitPerWindow = RateLimiter.limit(for: controller.parameters.maxBandwidth)
-                if try forecastWindow(milliseconds: window.milliseconds, pending: pending.total) == .startPostcopy {
+                // The forecast first, so that the statistics the window publishes carry it.
+                if try forecastWindow(window, pending: pending.total) == .startPostcopy {
                     return try runPostcopy()
                 }
+                windowClosedWith(window)
+                limiter.limitPerWindow = RateLimiter.limit(for: controller.parameters.maxBandwidth)
             }
             if limiter.isExhausted(position: writer.position) {
                 writer.flush() // nothing waits in the buffer while the window sleeps
@@ -234,7 +239,10 @@ final class OutgoingMigration: @unchecked Sendable {
     /// Syncs every section's dirty tracking and tells the observers.
     private func endPass() throws(MigrationStreamError) {
         var dirtied: UInt64 = 0
+        let syncStart = WallClock.monotonicNanoseconds()
         for section in sections { dirtied += try section.beginPass() }
+        // The switchover repeats this sync with the guest stopped: the forecast counts it in.
+        forecaster.syncMeasured(nanoseconds: WallClock.monotonicNanoseconds() - syncStart)
         lastPassDirtied = dirtied
         stats.dirtySyncCount += 1
         controller.passCompleted(Int(stats.dirtySyncCount))

@@ -69,6 +69,9 @@ final class OutgoingRAMSection: PostcopyLiveSection {
         return used + settings.mayAdd.filter { !used.contains($0) }
     }
 
+    /// Whether XBZRLE encodes re-sent pages now.
+    var usesXBZRLE: Bool { xbzrle != nil }
+
     /// What the encoders would save on the pages dirtied lately (nil unless probing).
     var savings: PageSavings? { probe?.savings }
 

@@ -71,6 +71,65 @@ struct ForecastUnitTests {
         #expect(forecast.etaMilliseconds >= 300 + 90 + 27 + 8 && forecast.etaMilliseconds < 440, "\(forecast)")
     }
 
+    @Test("the first pass's slow start is not its steady rate, and later passes are priced at the best window before a re-send is seen")
+    func firstPassRamp() {
+        var forecaster = MigrationForecaster(now: 0)
+        forecaster.windowMeasured(pageBytes: 1_000_000, milliseconds: 100)    // the ramp: 10 000 B/ms
+        forecaster.windowMeasured(pageBytes: 10_000_000, milliseconds: 100)   // 100 000 B/ms
+        forecaster.windowMeasured(pageBytes: 8_000_000, milliseconds: 100)    // 80 000 B/ms
+        #expect(forecaster.bandwidth == 90_000, "the ramp window is left out: \(forecaster.bandwidth)")
+        #expect(forecaster.resendBandwidth == 100_000)
+        let forecast = forecaster.forecast(now: 300, pending: 90_000_000, passesDone: 0, downtimeLimit: 300)
+        #expect(forecast.etaMilliseconds == 1000)
+    }
+
+    @Test("after the first pass, the passes run at the re-send rate (fresh destination memory no longer slows them)")
+    func resendRate() {
+        var forecaster = MigrationForecaster(now: 0)
+        forecaster.windowMeasured(pageBytes: 5_000_000, milliseconds: 100)    // first pass: 50 000 B/ms
+        forecaster.passEnded(now: 1000, dirtied: 20_000_000)                  // 20 000 B/ms dirtied
+        #expect(forecaster.bandwidth == 50_000)
+        forecaster.windowMeasured(pageBytes: 20_000_000, milliseconds: 100)   // re-sends: 200 000 B/ms
+        #expect(forecaster.bandwidth == 200_000 && forecaster.resendBandwidth == 200_000)
+        let forecast = forecaster.forecast(now: 1100, pending: 18_000_000, passesDone: 1, downtimeLimit: 300)
+        // 90 ms for this pass (3.8 MB dirtied in its 190 ms), 19 ms for the next, 2 ms for the
+        // last; at the first pass's 50 000 B/ms it would be 360 + 76 + 30.
+        #expect(forecast.converges && forecast.etaMilliseconds >= 105 && forecast.etaMilliseconds < 120, "\(forecast)")
+    }
+
+    @Test("with XBZRLE on, its measured deltas make re-sends cheap: a guest dirtying faster than the link still converges")
+    func xbzrleDeltas() {
+        func forecast(resendCost: Double) -> MigrationForecast {
+            var forecaster = MigrationForecaster(now: 0)
+            forecaster.memorySize = 512 << 20
+            forecaster.resendCost = resendCost
+            forecaster.windowMeasured(pageBytes: 6_400_000, milliseconds: 100) // 64 000 B/ms, raw first pass
+            forecaster.dirtySampled(bytes: 25_000_000, milliseconds: 250)      // 100 000 B/ms
+            return forecaster.forecast(now: 2000, pending: 400 << 20, passesDone: 0, downtimeLimit: 300)
+        }
+        #expect(!forecast(resendCost: 1).converges)
+        let cheap = forecast(resendCost: 0.04)
+        #expect(cheap.converges, "\(cheap)")
+        // The first pass's 400 MiB at 64 000 B/ms (6.6 s) is most of it.
+        #expect(cheap.etaMilliseconds > 6_500 && cheap.etaMilliseconds < 9_000, "\(cheap)")
+    }
+
+    @Test("with auto-converge on, a guest that outruns the link converges once the throttle steps up; without it, it does not")
+    func autoConvergeThrottles() {
+        func forecast(_ autoConverge: AutoConverge.Settings?) -> MigrationForecast {
+            // 256 MiB/s link, 400 MiB/s dirtied over a 512 MiB working set.
+            var (forecaster, now) = forecaster(bandwidth: 268_435, dirtied: [512 << 20], passMilliseconds: 2000)
+            forecaster.autoConverge = autoConverge
+            return forecaster.forecast(now: now, pending: 512 << 20, passesDone: 1, downtimeLimit: 300)
+        }
+        #expect(!forecast(nil).converges)
+        let throttled = forecast(AutoConverge.Settings(initial: 20, increment: 10, maximum: 99))
+        #expect(throttled.converges, "\(throttled)")
+        #expect(throttled.etaMilliseconds > 2_000 && throttled.etaMilliseconds < 15_000, "\(throttled)")
+        #expect(!forecast(AutoConverge.Settings(initial: 5, increment: 0, maximum: 5)).converges,
+                "a 5% cap cannot bring 400 MiB/s under 256")
+    }
+
     func ladder(budget: UInt64 = 10_000, postcopy: Bool = false, maximum: Int = 99) -> EscalationLadder {
         EscalationLadder(settings: SLOSettings(totalBudget: budget, postcopyAllowed: postcopy,
                                                throttleInitial: 20, throttleIncrement: 10, throttleMaximum: maximum))
