@@ -17,9 +17,11 @@ let package = Package(
         // liblzma, to unpack a bzImage's xz payload on the host (see ElfKernel.swift).
         .systemLibrary(name: "CLZMA", pkgConfig: "liblzma", providers: [.apt(["liblzma-dev"])]),
         // Layer 2: the machine: guest memory, boot, vCPU threads, devices, run state.
-        .target(name: "Machine", dependencies: ["KVM", "CKVM", "CLZMA", "CGuestMemory"]),
+        .target(name: "Machine", dependencies: ["KVM", "CKVM", "CLZMA", "CGuestMemory", "CProcess"]),
         // Sockets: listen/connect/accept and SCM_RIGHTS descriptor passing, for QMP and migration.
         .target(name: "CSocket"),
+        // Process set-up QEMU's command line asks for: -daemonize, -pidfile, inherited sockets, ptys.
+        .target(name: "CProcess"),
         // OpenSSL's libcrypto, for SHA-256 of guest memory.
         .systemLibrary(name: "CCrypto", pkgConfig: "libcrypto", providers: [.apt(["libssl-dev"])]),
         // CRC32C and XBZRLE byte loops for the migration stream, optimised even in debug builds.
@@ -30,9 +32,9 @@ let package = Package(
         // Layer 3: the migration engine; it sees the machine through memory and saved state.
         .target(name: "Migration", dependencies: ["Machine", "KVM", "CSocket", "CGuestMemory", "CPageCodec", "CZlib", "CZstd"]),
         // Layer 4: QMP, QEMU's monitor protocol, controlling the machine and migrations.
-        .target(name: "QMP", dependencies: ["Migration", "Machine", "KVM", "CSocket", "CCrypto"]),
+        .target(name: "QMP", dependencies: ["Migration", "Machine", "KVM", "CSocket", "CCrypto", "CProcess"]),
         // Layer 5: the command line (option parsing, help, subcommands) as a library so tests reach it.
-        .target(name: "TernCLI", dependencies: ["QMP", "Migration", "Machine", "KVM", "CSocket"]),
+        .target(name: "TernCLI", dependencies: ["QMP", "Migration", "Machine", "KVM", "CSocket", "CProcess"]),
         .executableTarget(name: "tern", dependencies: ["TernCLI"]),
         // Micro-benchmarks that need a live VM; run through bench/dirty-sync.
         .executableTarget(name: "tern-bench", dependencies: ["Machine"]),

@@ -29,7 +29,7 @@ def test_greeting_format(tern):
     assert qmp.get("capabilities") == [], greeting
     version = qmp.get("version")
     assert isinstance(version, dict), greeting
-    assert version.get("qemu") == {"major": 2, "minor": 5, "micro": 0}, greeting
+    assert version.get("qemu") == {"major": 4, "minor": 2, "micro": 0}, greeting
     assert isinstance(version.get("package"), str), greeting
 
 

@@ -1,3 +1,4 @@
+import Foundation
 /// Loads tern's built-in test guest (guest/tern-guest.S) and checks its header.
 ///
 /// Image header, at the start of the flat image (guest/README.md has the whole layout):
@@ -14,6 +15,18 @@ public enum BuiltinGuestLoader {
     /// (a stale "ready" or "filled" count would let its vCPUs start before the boot CPU).
     static let controlBlock: GuestAddress = 0x1C0000
     static let controlBlockSize = 0x1000
+
+    /// The file's bytes when it is a built-in guest image (the TERNGST1 magic at 0x20 and no
+    /// larger than an image can be); nil for anything else, such as a Linux kernel.
+    public static func imageFile(at path: String) -> [UInt8]? {
+        guard let handle = FileHandle(forReadingAtPath: path) else { return nil }
+        defer { try? handle.close() }
+        guard let head = try? handle.read(upToCount: 0x28), head.count == 0x28, Array(head[0x20..<0x28]) == magic,
+              let size = try? handle.seekToEnd(), size <= UInt64(maximumImageSize) else { return nil }
+        try? handle.seek(toOffset: 0)
+        guard let data = try? handle.readToEnd() else { return nil }
+        return Array(data)
+    }
 
     /// The 64-bit entry point named in an image header, after checking the header.
     public static func entryPoint(of image: [UInt8]) throws(MachineError) -> GuestAddress {

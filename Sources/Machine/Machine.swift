@@ -307,6 +307,9 @@ public final class Machine: @unchecked Sendable {
     /// The host thread id of each vCPU's thread, in vCPU order (after `start`).
     public var vcpuThreadIDs: [Int32] { threads.map(\.threadID) }
 
+    /// Where COM1 goes, as QEMU's `query-chardev` names it (`pty:/dev/pts/N`, `file:PATH`, ...).
+    public var serialFilename: String { console.filename }
+
     /// Resets the machine as a power cycle would, without ending it: every vCPU back to its
     /// boot state and the boot image loaded again, then running again if it was running.
     /// RAM keeps its contents, as on a real reset. Refused while the guest's memory and state
@@ -369,6 +372,10 @@ func loadBootImage(configuration: MachineConfiguration, into memory: GuestMemory
     case let .builtinGuest(arguments):
         return try BuiltinGuestLoader.load(arguments: arguments, into: memory)
     case let .linux(kernelPath, initrdPath, arguments):
+        // The built-in guest's image file (`tern guest-image`) boots as QEMU boots it from -kernel.
+        if initrdPath == nil, let image = BuiltinGuestLoader.imageFile(at: kernelPath) {
+            return try BuiltinGuestLoader.load(image: image, arguments: arguments ?? "", into: memory)
+        }
         return try LinuxLoader.load(kernelPath: kernelPath, initrdPath: initrdPath, arguments: arguments,
                                     cpuCount: configuration.cpuCount, into: memory)
     }

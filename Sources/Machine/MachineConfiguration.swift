@@ -6,6 +6,10 @@ public enum SerialBackend: Equatable, Sendable {
     case file(path: String)
     /// Discarded.
     case none
+    /// A new pseudo-terminal (QEMU's `-chardev pty`): output to it, input from it; its
+    /// `/dev/pts/N` path is in `query-chardev`. Bytes the guest writes while no one reads the
+    /// terminal are dropped once its buffer is full, so the guest never waits on a reader.
+    case pty
 }
 
 /// What to boot.
@@ -32,6 +36,13 @@ public struct MachineConfiguration: Equatable, Sendable {
     public var waitsForIncomingMigration = false
     /// `-mem-prealloc`: allocate all guest RAM at start instead of at first touch.
     public var preallocateMemory = false
+    /// `-machine none`: a machine with nothing to run, for tools that probe the monitor
+    /// (libvirt's capability probe); `cont` is refused and no vCPU is listed.
+    public var hasNoGuest = false
+    /// `-uuid`: the VM's UUID as given, for `query-uuid`.
+    public var uuid: String?
+    /// The serial port's chardev id, for `query-chardev` (`serial0` unless `-chardev` names it).
+    public var serialLabel = "serial0"
 
     /// The most vCPUs tern starts (the MP table numbers APIC ids in one byte).
     public static let maximumCPUCount = 64

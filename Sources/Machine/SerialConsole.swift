@@ -1,8 +1,9 @@
+import CProcess
 import Foundation
 import Synchronization
 
-/// Connects the UART to the outside: transmitted bytes to standard output or a file, and, in
-/// `stdio` mode, the keyboard to the guest.
+/// Connects the UART to the outside: transmitted bytes to standard output, a file or a
+/// pseudo-terminal, and, in `stdio` and `pty` modes, what is typed there to the guest.
 ///
 /// When standard input is a terminal it is put in raw mode (restored on exit), so keys such as
 /// Ctrl-C reach the guest; as in QEMU, Ctrl-A x quits tern and Ctrl-A Ctrl-A sends Ctrl-A.
@@ -11,7 +12,9 @@ public final class SerialConsole: @unchecked Sendable {
     // `start`/`restoreTerminal`, which the machine calls once each.
     private let outputDescriptor: Int32
     private let ownsOutput: Bool
-    private let readsInput: Bool
+    private let inputDescriptor: Int32
+    /// QEMU's chardev filename for `query-chardev`: `stdio`, `file:PATH`, `pty:/dev/pts/N`, `null`.
+    public let filename: String
     private var savedTerminal: termios?
     private let stopping = Atomic<Bool>(false)
 
@@ -20,23 +23,41 @@ public final class SerialConsole: @unchecked Sendable {
         case .stdio:
             outputDescriptor = STDOUT_FILENO
             ownsOutput = false
-            readsInput = true
+            inputDescriptor = STDIN_FILENO
+            filename = "stdio"
         case .none:
             outputDescriptor = -1
             ownsOutput = false
-            readsInput = false
+            inputDescriptor = -1
+            filename = "null"
         case let .file(path):
             let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
             guard fd >= 0 else { throw .serial(path: path, reason: String(cString: strerror(errno))) }
             outputDescriptor = fd
             ownsOutput = true
-            readsInput = false
+            inputDescriptor = -1
+            filename = "file:\(path)"
+        case .pty:
+            let (fd, path) = try Self.openPseudoTerminal()
+            outputDescriptor = fd
+            ownsOutput = true
+            inputDescriptor = fd
+            filename = "pty:\(path)"
         }
     }
 
     deinit {
         restoreTerminal()
         if ownsOutput { close(outputDescriptor) }
+    }
+
+    /// A pseudo-terminal master, non-blocking (a full buffer drops bytes instead of stopping
+    /// the vCPU that writes them) and raw (the guest's bytes pass unchanged, as in QEMU).
+    private static func openPseudoTerminal() throws(MachineError) -> (Int32, String) {
+        var path = [CChar](repeating: 0, count: 256)
+        let fd = cprocess_open_pty(&path, UInt(path.count))
+        guard fd >= 0 else { throw .serial(path: "pty", reason: String(cString: strerror(-fd))) }
+        return (fd, String(cString: path))
     }
 
     /// Writes one transmitted byte. Retries on EINTR (vCPU threads receive kick signals).
@@ -52,8 +73,9 @@ public final class SerialConsole: @unchecked Sendable {
     /// Starts feeding standard input to `serial`; `quit` is called on Ctrl-A x or end of input
     /// from a terminal.
     public func startInput(to serial: Serial16550, quit: @escaping @Sendable () -> Void) {
-        guard readsInput else { return }
-        if isatty(STDIN_FILENO) == 1 {
+        guard inputDescriptor >= 0 else { return }
+        let input = inputDescriptor
+        if input == STDIN_FILENO && isatty(STDIN_FILENO) == 1 {
             var settings = termios()
             if tcgetattr(STDIN_FILENO, &settings) == 0 {
                 savedTerminal = settings
@@ -67,8 +89,14 @@ public final class SerialConsole: @unchecked Sendable {
             var escape = false
             var buffer = [UInt8](repeating: 0, count: 256)
             while !stopping.load(ordering: .relaxed) {
-                let n = buffer.withUnsafeMutableBytes { read(STDIN_FILENO, $0.baseAddress!, $0.count) }
+                let n = buffer.withUnsafeMutableBytes { read(input, $0.baseAddress!, $0.count) }
                 if n < 0 && errno == EINTR { continue }
+                if n < 0 && input != STDIN_FILENO && (errno == EAGAIN || errno == EIO) {
+                    // A pseudo-terminal with nothing typed, or no one on the other side (EIO): wait.
+                    var waiting = pollfd(fd: input, events: Int16(POLLIN), revents: 0)
+                    if poll(&waiting, 1, 200) <= 0 || waiting.revents & Int16(POLLHUP) != 0 { usleep(100_000) }
+                    continue
+                }
                 if n <= 0 { return } // end of input: the guest simply gets no more keys
                 var bytes: [UInt8] = []
                 for byte in buffer[0..<n] {

@@ -10,11 +10,15 @@ public enum MigrationCapability: String, Sendable, CaseIterable {
     /// The 2015 name; `postcopy-ram` is QEMU 2.6's. They are one capability.
     case xPostcopyRAM = "x-postcopy-ram"
     case postcopyRAM = "postcopy-ram"
+    /// QEMU 2.8's switch for the destination's replies. tern opens the return path on every
+    /// socket migration whether it is set or not (exec: and pipes have none); libvirt requires
+    /// the capability to be listed and sets it.
+    case returnPath = "return-path"
 
     /// Capabilities tern can turn on; the others are refused when set to true.
     public var isImplemented: Bool {
         switch self {
-        case .events, .xbzrle, .compress, .autoConverge, .xPostcopyRAM, .postcopyRAM: true
+        case .events, .xbzrle, .compress, .autoConverge, .xPostcopyRAM, .postcopyRAM, .returnPath: true
         case .rdmaPinAll, .zeroBlocks: false
         }
     }

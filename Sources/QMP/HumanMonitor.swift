@@ -25,7 +25,7 @@ extension QMPStandardCommands {
                     return .string(machine.configuration.name.map { "\($0)\r\n" } ?? "")
                 case "version":
                     let version = QMPServer.qemuVersion
-                    return .string("\(version.major).\(version.minor).\(version.micro) (tern)\r\n")
+                    return .string("\(version.major).\(version.minor).\(version.micro)\(QMPServer.package)\r\n")
                 case "kvm":
                     return "kvm support: enabled\r\n"
                 case "migrate":

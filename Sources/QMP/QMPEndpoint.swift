@@ -5,16 +5,23 @@ public struct QMPEndpoint: Equatable, Sendable {
     public enum Address: Equatable, Sendable {
         case unix(path: String)
         case tcp(host: String, port: String)
+        /// A socket already listening, inherited from the parent (`-chardev socket,fd=N`, as
+        /// libvirt passes the monitor).
+        case inherited(descriptor: Int32)
     }
 
     public var address: Address
     /// `wait=on` (QEMU's default for a server): tern does not start the guest until a client
     /// has connected.
     public var waitForClient: Bool
+    /// The chardev's id in `query-chardev` (`-mon chardev=ID`); `-qmp` monitors are
+    /// `compat_monitorN`, as in QEMU.
+    public var label: String?
 
-    public init(address: Address, waitForClient: Bool) {
+    public init(address: Address, waitForClient: Bool, label: String? = nil) {
         self.address = address
         self.waitForClient = waitForClient
+        self.label = label
     }
 
     /// Parses the text after `-qmp`; the error says what is accepted.
@@ -57,6 +64,7 @@ public struct QMPEndpoint: Equatable, Sendable {
         switch address {
         case let .unix(path): "unix:\(path)"
         case let .tcp(host, port): "tcp:\(host):\(port)"
+        case let .inherited(descriptor): "fd:\(descriptor)"
         }
     }
 }

@@ -1,3 +1,4 @@
+import CProcess
 import CSocket
 import Foundation
 import Machine
@@ -18,8 +19,17 @@ public struct QMPServerError: Error, CustomStringConvertible {
 /// capabilities.
 public final class QMPServer: @unchecked Sendable {
     // Sendable: `listeners` is fixed after init; sessions and descriptors are mutex-guarded.
-    /// The QMP version tern speaks: the 2015 monitor the migration engine is specified from.
-    public static let qemuVersion = (major: 2, minor: 5, micro: 0)
+    /// The QEMU version tern reports. Its migration engine follows QEMU's of 2013-2015, but
+    /// its monitor also has later commands clients rely on (`query-cpus-fast` came in 2.12),
+    /// and libvirt 9.0 refuses anything older than 4.2.0. QEMU 4.2 (2019) still has every
+    /// 2015 command tern implements (`migrate_set_speed`, `migrate_set_downtime`,
+    /// `migrate-set-cache-size`, the `x-` postcopy names were gone but aliases are harmless), so
+    /// 4.2.0 is the oldest version that is true to both (docs/qmp.md, docs/libvirt.md).
+    public static let qemuVersion = (major: 4, minor: 2, micro: 0)
+    /// tern's own version, in `query-version`'s `package`.
+    public static let ternVersion = "0.1.0"
+    /// `package` as QEMU formats it (a leading space, then the build's description).
+    static var package: String { " (tern \(ternVersion))" }
 
     public let machine: Machine
     public let descriptors: NamedDescriptors
@@ -30,20 +40,23 @@ public final class QMPServer: @unchecked Sendable {
     private let firstClient = NSCondition()
     private var clientsSeen = 0
     private let stopped = Atomic<Bool>(false)
+    /// Whether the vCPUs ran at the last run-state change, so that STOP and RESUME mark edges.
+    private let running: Mutex<Bool>
 
     /// Binds every endpoint. A bound TCP port of 0 is replaced by the real one in `boundEndpoints`.
     public init(machine: Machine, endpoints: [QMPEndpoint], descriptors: NamedDescriptors = NamedDescriptors(),
                 migration: MigrationController? = nil, extraCommands: [QMPCommand] = []) throws(QMPServerError) {
         self.machine = machine
         self.descriptors = descriptors
+        running = Mutex(machine.runState.isRunning)
         let context = QMPContext(machine: machine, descriptors: descriptors, migration: migration)
         var table = QMPCommandTable()
         for command in QMPStandardCommands.all(context) + extraCommands { table.register(command) }
-        let names = ["qmp_capabilities", "query-commands"] + table.names
+        let names = ["qmp_capabilities", "query-commands", "query-qmp-schema", "query-chardev"] + table.names
         table.register(QMPCommand("query-commands") { _ throws(QMPError) in
             .array(names.map { ["name": .string($0)] })
         })
-        self.commands = table
+        table.register(QMPCommand("query-qmp-schema") { _ throws(QMPError) in Self.schema(commands: names) })
         var listeners: [(QMPEndpoint, Int32)] = []
         for endpoint in endpoints {
             let descriptor: Int32
@@ -55,6 +68,15 @@ public final class QMPServer: @unchecked Sendable {
                 var boundPort: Int32 = 0
                 descriptor = csocket_listen_tcp(host, port, 16, &boundPort)
                 if descriptor >= 0 { bound.address = .tcp(host: host, port: String(boundPort)) }
+            case let .inherited(inherited):
+                let listening = cprocess_is_listening_socket(inherited)
+                guard listening == 1 else {
+                    listeners.forEach { close($0.1) }
+                    let why = listening == 0 ? "it is a socket that does not listen" : String(cString: strerror(-listening))
+                    throw QMPServerError(message: "cannot use descriptor \(inherited) for QMP: \(why)")
+                }
+                _ = fcntl(inherited, F_SETFD, FD_CLOEXEC)
+                descriptor = inherited
             }
             guard descriptor >= 0 else {
                 listeners.forEach { close($0.1) }
@@ -63,6 +85,17 @@ public final class QMPServer: @unchecked Sendable {
             listeners.append((bound, descriptor))
         }
         self.listeners = listeners
+        let monitors = listeners.map { listener -> JSONValue in
+            ["label": .string(listener.0.label ?? "compat_monitor"), "filename": .string(Self.chardevFilename(listener.0, listener.1)),
+             "frontend-open": true]
+        }
+        table.register(QMPCommand("query-chardev") { _ throws(QMPError) in
+            // No serial chardev when there is no serial port to connect (-nodefaults, -serial none).
+            let serial: [JSONValue] = machine.serialFilename == "null" ? [] : [
+                ["label": .string(machine.configuration.serialLabel), "filename": .string(machine.serialFilename), "frontend-open": true]]
+            return .array(serial + monitors)
+        })
+        self.commands = table
         machine.events.add { [weak self] event in self?.machineEvent(event) }
         migration?.observer = { [weak self] event in
             switch event {
@@ -72,6 +105,37 @@ public final class QMPServer: @unchecked Sendable {
                 self?.emit(event: "X_MIGRATION_ESCALATION", data: ["step": .string(step.step.rawValue), "detail": .string(step.detail),
                                                                   "at-ms": .int(Int64(clamping: step.at))])
             }
+        }
+    }
+
+    /// The events tern emits, for `query-qmp-schema`.
+    static let eventNames = ["STOP", "RESUME", "RESET", "SHUTDOWN", "MIGRATION", "MIGRATION_PASS", "X_MIGRATION_ESCALATION"]
+
+    /// `query-qmp-schema`: every command and event by name, their arguments and results
+    /// described only as objects (type "0"). libvirt looks features up by path in it; a
+    /// lookup tern's schema cannot answer leaves that feature off, which is the truth: the
+    /// JSON forms of -device and -object, blockdev and the other features it gates are not in tern.
+    static func schema(commands: [String]) -> JSONValue {
+        var entries: [JSONValue] = [["name": "0", "meta-type": "object", "members": []]]
+        entries += commands.map { ["name": .string($0), "meta-type": "command", "arg-type": "0", "ret-type": "0"] }
+        entries += eventNames.map { ["name": .string($0), "meta-type": "event", "arg-type": "0"] }
+        return .array(entries)
+    }
+
+    /// QEMU's `query-chardev` filename of a monitor socket (`unix:PATH,server=on`).
+    static func chardevFilename(_ endpoint: QMPEndpoint, _ descriptor: Int32) -> String {
+        switch endpoint.address {
+        case let .unix(path): return "unix:\(path),server=on"
+        case let .tcp(host, port): return "tcp:\(host):\(port),server=on"
+        case .inherited:
+            var address = sockaddr_un()
+            var length = socklen_t(MemoryLayout<sockaddr_un>.size)
+            let named = withUnsafeMutablePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(descriptor, $0, &length) }
+            }
+            guard named == 0, address.sun_family == sa_family_t(AF_UNIX) else { return "socket:fd=\(descriptor),server=on" }
+            let path = withUnsafeBytes(of: address.sun_path) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            return "unix:\(path),server=on"
         }
     }
 
@@ -163,17 +227,21 @@ public final class QMPServer: @unchecked Sendable {
 
     private func machineEvent(_ event: MachineEvent) {
         switch event {
-        case .runStateChanged(.paused):
-            emit(event: "STOP")
-        case .runStateChanged(.running):
-            emit(event: "RESUME")
+        case let .runStateChanged(state):
+            // As QEMU: STOP whenever the vCPUs stop running (a pause, a migration's switchover,
+            // a shutdown), RESUME whenever they start; libvirt tracks the domain's state by these.
+            let change = running.withLock { running -> Bool? in
+                // An ending is announced by SHUTDOWN (below), not STOP.
+                guard running != state.isRunning, state != .shutdown, state != .internalError else { return nil }
+                running = state.isRunning
+                return running
+            }
+            if let nowRunning = change { emit(event: nowRunning ? "RESUME" : "STOP") }
         case let .reset(byGuest):
             emit(event: "RESET", data: ["guest": .bool(byGuest), "reason": byGuest ? "guest-reset" : "host-qmp-system-reset"])
         case let .ended(ending):
             let cause = ending.shutdownCause
             emit(event: "SHUTDOWN", data: ["guest": .bool(cause.guest), "reason": .string(cause.reason)])
-        case .runStateChanged:
-            break
         }
     }
 

@@ -39,7 +39,7 @@ final class QMPSession: @unchecked Sendable {
         send(["QMP": [
             "version": [
                 "qemu": ["micro": .int(Int64(version.micro)), "minor": .int(Int64(version.minor)), "major": .int(Int64(version.major))],
-                "package": .string(" (tern)"),
+                "package": .string(QMPServer.package),
             ],
             "capabilities": [],
         ]])

@@ -6,6 +6,7 @@ import Machine
 enum QMPStandardCommands {
     static func all(_ context: QMPContext) -> [QMPCommand] {
         runControl(context) + queries(context) + memory(context) + descriptors(context) + [humanMonitor(context)]
+            + QMPIntrospectionCommands.all(context)
             + (context.migration.map(migrationCommands) ?? [])
     }
 
@@ -39,6 +40,9 @@ enum QMPStandardCommands {
     /// why not otherwise (already running is not an error, as in QEMU).
     static func cont(_ context: QMPContext) throws(QMPError) {
         let machine = context.machine
+        guard !machine.configuration.hasNoGuest else {
+            throw .generic("the 'none' machine has no guest to run (it answers the monitor only); start tern with -machine pc")
+        }
         switch machine.runState {
         case .shutdown, .internalError:
             throw .generic("Resetting the Virtual Machine is required")
@@ -59,7 +63,7 @@ enum QMPStandardCommands {
                 let version = QMPServer.qemuVersion
                 return [
                     "qemu": ["micro": .int(Int64(version.micro)), "minor": .int(Int64(version.minor)), "major": .int(Int64(version.major))],
-                    "package": " (tern)",
+                    "package": .string(QMPServer.package),
                 ]
             },
             QMPCommand("query-status") { _ throws(QMPError) in
@@ -74,7 +78,8 @@ enum QMPStandardCommands {
                 ["enabled": true, "present": true]
             },
             QMPCommand("query-cpus-fast") { _ throws(QMPError) in
-                .array(machine.vcpuThreadIDs.enumerated().map { index, thread in
+                // The `none` machine has no CPU (its placeholder never runs).
+                machine.configuration.hasNoGuest ? .array([]) : .array(machine.vcpuThreadIDs.enumerated().map { index, thread in
                     [
                         "cpu-index": .int(Int64(index)),
                         "qom-path": .string("/machine/unattached/device[\(index)]"),

@@ -1,6 +1,8 @@
+import QMP
+
 /// The text of `tern --help` and `tern run --help`: the manual for the command line.
 public enum HelpText {
-    public static let version = "0.1.0"
+    public static let version = QMPServer.ternVersion
 
     public static let overview = """
     tern \(version): a KVM virtual machine monitor with QEMU-compatible live migration.
@@ -90,6 +92,31 @@ public enum HelpText {
       -nodefaults          No default devices: without -serial, COM1 goes nowhere.
       -no-user-config, -no-reboot  Accepted: tern reads no config file and never reboots a
                            guest (a guest reset ends tern with status 0).
+      -serial pty          COM1 on a new pseudo-terminal; its path is in QMP query-chardev.
+
+    QEMU's device options (as libvirt passes them; docs/libvirt.md):
+      -chardev socket,id=ID,path=PATH|port=N|fd=N,server=on[,wait=off]
+      -chardev pty|file,path=PATH|stdio|null,id=ID
+                           A named backend for -mon or the serial port. fd=N is a socket the
+                           parent already listens on (libvirt's monitor).
+      -mon chardev=ID,mode=control   A QMP monitor on that chardev.
+      -device isa-serial,chardev=ID[,id=..,index=0]   COM1 on that chardev (tern's one UART).
+                           Other devices are refused by name. -serial chardev:ID does the same.
+      -machine none        A machine with nothing to run, for monitor probes (libvirt's).
+                           Also: pc, accel=kvm[:tcg], usb=off, dump-guest-core=..., vmport=off.
+      -object secret,...   Accepted (tern decrypts nothing); other objects are refused.
+      -uuid UUID           The VM's UUID (QMP query-uuid).
+      -pidfile PATH        Write (and lock) PATH with tern's pid; removed at exit.
+      -daemonize           Detach once the monitor listens; errors before that still show.
+      -overcommit mem-lock=off,cpu-pm=off, -rtc base=utc, -boot ..., -audiodev driver=none,
+      -msg timestamp=..., -no-acpi, -no-hpet, -no-shutdown
+                           Accepted without effect: they ask for what tern does anyway or tune
+                           QEMU features tern lacks (no RTC, firmware, sound, ACPI or HPET; a
+                           guest power-off ends tern, -no-shutdown or not). Values asking for more
+                           (mem-lock=on, base=localtime, a real audio driver) are refused.
+      -sandbox, -global    Refused: tern has no seccomp sandbox and no global properties.
+      Without a subcommand, 'tern -S -machine ...' is 'tern run -S -machine ...', as libvirt
+      runs a domain's emulator.
 
     """
 }

@@ -4,6 +4,7 @@ import KVM
 import Machine
 import Migration
 import QMP
+import CProcess
 
 /// `tern run`: build the machine, start it, wait for it to end.
 public enum RunCommand {
@@ -23,8 +24,34 @@ public enum RunCommand {
         if let device = ProcessInfo.processInfo.environment["TERN_KVM_DEVICE"] {
             options.configuration.kvmDevicePath = device
         }
-        if let advisory = KVMHostFlavor.detect().advisory, case .linux = options.configuration.boot {
+        if let advisory = KVMHostFlavor.detect().advisory, case let .linux(kernel, _, _) = options.configuration.boot, !options.daemonize,
+           BuiltinGuestLoader.imageFile(at: kernel) == nil {
             printError("note: \(advisory)")
+        }
+        // -daemonize forks now, before any thread exists; the parent exits once the monitor
+        // listens (or with 1 if this process fails first, having said why on standard error).
+        var daemonReady: Int32 = -1
+        if options.daemonize {
+            daemonReady = cprocess_daemonize()
+            guard daemonReady >= 0 else {
+                printError("-daemonize: \(String(cString: strerror(-daemonReady)))")
+                return 1
+            }
+        }
+        var pidFile: Int32 = -1
+        if let path = options.pidFile {
+            pidFile = cprocess_write_pidfile(path)
+            guard pidFile >= 0 else {
+                printError(pidFile == -EAGAIN ? "-pidfile \(path): another process holds it (is a tern or QEMU already running with it?)"
+                           : "-pidfile \(path): \(String(cString: strerror(-pidFile)))")
+                return 1
+            }
+        }
+        defer {
+            if pidFile >= 0, let path = options.pidFile {
+                unlink(path)
+                close(pidFile)
+            }
         }
         let machine: Machine
         do {
@@ -58,12 +85,16 @@ public enum RunCommand {
                 return 1
             }
         }
+        let signalSources = installTerminationHandlers(machine)
         if let monitor {
             monitor.start()
+            cprocess_daemon_ready(daemonReady)
             monitor.waitForFirstClientIfRequested { printError($0) }
+        } else {
+            cprocess_daemon_ready(daemonReady)
         }
-        let signalSources = installTerminationHandlers(machine)
-        machine.start()
+        // The `none` machine never runs a vCPU: it only answers the monitor until it is told to quit.
+        if !options.configuration.hasNoGuest { machine.start() }
         let ending = machine.waitUntilEnded()
         signalSources.forEach { $0.cancel() }
         monitor?.stop()

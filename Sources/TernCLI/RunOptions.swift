@@ -12,14 +12,22 @@ public struct RunOptions: Equatable {
     /// `-incoming URI` or `-incoming defer`.
     public var incoming: String?
     public var showHelp = false
+    /// `-pidfile PATH`: written (and locked) once the process is set up.
+    public var pidFile: String?
+    /// `-daemonize`: detach once the monitor listens.
+    public var daemonize = false
 
     /// Options that take a value.
     static let valued: Set<String> = [
         "m", "smp", "kernel", "initrd", "append", "serial", "name", "display", "machine", "M", "accel", "cpu", "qmp", "incoming",
+        // QEMU's spellings that libvirt passes (QEMUCompatibilityOptions.swift).
+        "chardev", "mon", "device", "object", "overcommit", "uuid", "rtc", "boot", "audiodev", "msg", "pidfile",
+        "sandbox", "global",
     ]
     /// Options without a value.
     static let flags: Set<String> = [
         "S", "nographic", "nodefaults", "no-user-config", "enable-kvm", "no-reboot", "h", "help", "mem-prealloc",
+        "daemonize", "no-shutdown", "no-acpi", "no-hpet",
     ]
 
     public init() {}
@@ -30,6 +38,11 @@ public struct RunOptions: Equatable {
         var kernel: String?
         var initrd: String?
         var append: String?
+        var memoryGiven = false
+        var chardevs: [Chardev] = []
+        var monitorTexts: [String] = []
+        var deviceTexts: [String] = []
+        var serialChardev: String?
         var index = 0
         while index < arguments.count {
             let argument = arguments[index]
@@ -49,7 +62,10 @@ public struct RunOptions: Equatable {
                 case "nodefaults": noDefaults = true
                 case "mem-prealloc": configuration.preallocateMemory = true
                 case "h", "help": showHelp = true
-                default: break // -nographic, -no-user-config, -enable-kvm, -no-reboot: tern's only behaviour
+                case "daemonize": daemonize = true
+                // -nographic, -no-user-config, -enable-kvm, -no-reboot, -no-acpi, -no-hpet: tern's
+                // only behaviour. -no-shutdown: tern exits at a guest power-off either way (docs/libvirt.md).
+                default: break
                 }
                 continue
             }
@@ -67,18 +83,21 @@ public struct RunOptions: Equatable {
                 index += 1
             }
             switch name {
-            case "m": configuration.memorySize = try Self.memorySize(value)
+            case "m":
+                configuration.memorySize = try Self.memorySize(value)
+                memoryGiven = true
             case "smp": configuration.cpuCount = try Self.cpuCount(value)
             case "kernel": kernel = value
             case "initrd": initrd = value
             case "append": append = value
-            case "serial": serial = try Self.serialBackend(value)
+            case "serial":
+                if value.hasPrefix("chardev:") { serialChardev = String(value.dropFirst(8)) } else { serial = try Self.serialBackend(value) }
             case "name": configuration.name = value.hasPrefix("guest=") ? String(value.dropFirst(6)).components(separatedBy: ",")[0] : value
             case "display":
                 guard value == "none" else {
                     throw CommandLineError("tern run: -display \(value): tern has no display; only '-display none' is accepted")
                 }
-            case "machine", "M": try Self.checkMachine(value)
+            case "machine", "M": if try Self.checkMachine(value) { configuration.hasNoGuest = true }
             case "accel":
                 guard value == "kvm" else { throw CommandLineError("tern run: -accel \(value): tern runs only on KVM") }
             case "cpu": configuration.exposeInvariantTSC = try Self.cpuModel(value)
@@ -87,12 +106,65 @@ public struct RunOptions: Equatable {
                 configuration.waitsForIncomingMigration = true
             case "qmp":
                 do {
-                    monitors.append(try QMPEndpoint(parsing: value))
+                    var endpoint = try QMPEndpoint(parsing: value)
+                    endpoint.label = "compat_monitor\(monitors.count)"
+                    monitors.append(endpoint)
                 } catch {
                     throw CommandLineError("tern run: \(error.message)")
                 }
-            default: break
+            case "chardev":
+                let chardev = try Chardev(parsing: value)
+                guard !chardevs.contains(where: { $0.id == chardev.id }) else {
+                    throw CommandLineError("tern run: -chardev \(value): a chardev with id=\(chardev.id) already exists")
+                }
+                chardevs.append(chardev)
+            case "mon": monitorTexts.append(value)
+            case "device": deviceTexts.append(value)
+            case "pidfile": pidFile = value
+            case "uuid": configuration.uuid = try Self.uuid(value)
+            default: try Self.checkIgnorable(name, value) // -object, -overcommit, -rtc, -boot, -audiodev, -msg, ...
             }
+        }
+        func chardev(_ id: String, _ context: String) throws(CommandLineError) -> Chardev {
+            guard let found = chardevs.first(where: { $0.id == id }) else {
+                throw CommandLineError("\(context): no -chardev with id=\(id)")
+            }
+            return found
+        }
+        for text in monitorTexts {
+            let context = "tern run: -mon \(text)"
+            let list = try QEMUOptionList(parsing: text, option: "mon", impliedKey: "chardev")
+            try list.check(known: ["chardev", "id", "mode", "pretty"], option: "mon", text: text)
+            guard list["mode"] == "control" else {
+                throw CommandLineError("\(context): tern's monitors speak QMP only (mode=control); the human monitor is QMP's human-monitor-command")
+            }
+            guard let id = list.implied ?? list["chardev"] else { throw CommandLineError("\(context): needs chardev=ID") }
+            monitors.append(try chardev(id, context).monitorEndpoint(context: context))
+        }
+        for text in deviceTexts {
+            let context = "tern run: -device \(text)"
+            let list = try QEMUOptionList(parsing: text, option: "device", impliedKey: "driver")
+            guard list.implied == "isa-serial" else {
+                throw CommandLineError("\(context): tern has no '\(list.implied ?? "")' device (the one device it adds on request is isa-serial, COM1)")
+            }
+            try list.check(known: ["chardev", "id", "index", "iobase", "irq"], option: "device", text: text)
+            guard (list["index"] ?? "0") == "0", (list["iobase"].map { ["0x3f8", "1016"].contains($0.lowercased()) } ?? true),
+                  (list["irq"] ?? "4") == "4" else {
+                throw CommandLineError("\(context): tern has one serial port, COM1 (index=0, iobase 0x3f8, irq 4)")
+            }
+            guard let id = list["chardev"] else { throw CommandLineError("\(context): needs chardev=ID") }
+            guard serial == nil && serialChardev == nil else { throw CommandLineError("\(context): tern has one serial port and it is taken") }
+            serialChardev = id
+        }
+        if let id = serialChardev {
+            let context = "tern run: serial port on chardev \(id)"
+            serial = try chardev(id, context).serialBackend(context: context)
+            configuration.serialLabel = id
+        }
+        if configuration.hasNoGuest {
+            // QEMU's `none` machine has no CPU to run; tern keeps a minimal, never-started one.
+            configuration.startPaused = true
+            if !memoryGiven { configuration.memorySize = MachineConfiguration.minimumMemorySize }
         }
         // QEMU's default serial port is the terminal; -nodefaults removes it unless -serial is given.
         configuration.serial = serial ?? (noDefaults ? .none : .stdio)
@@ -147,24 +219,35 @@ public struct RunOptions: Equatable {
         switch value {
         case "stdio", "mon:stdio": return .stdio
         case "none", "null": return .none
+        case "pty": return .pty
         default:
             if value.hasPrefix("file:"), value.count > 5 { return .file(path: String(value.dropFirst(5))) }
-            throw CommandLineError("tern run: -serial \(value): expected stdio, file:PATH or none")
+            throw CommandLineError("tern run: -serial \(value): expected stdio, pty, file:PATH, chardev:ID or none")
         }
     }
 
-    static func checkMachine(_ value: String) throws(CommandLineError) {
+    /// Checks `-machine`; returns whether it is QEMU's `none` machine (libvirt's probe).
+    static func checkMachine(_ value: String) throws(CommandLineError) -> Bool {
+        var none = false
         for part in value.split(separator: ",") {
             switch part {
-            case "accel=kvm", "pc", "q35", "microvm", "type=pc", "type=q35", "type=microvm":
+            case "accel=kvm", "accel=kvm:tcg", "pc", "q35", "microvm", "type=pc", "type=q35", "type=microvm",
+                 "usb=off", "dump-guest-core=off", "dump-guest-core=on", "vmport=off", "mem-merge=on", "mem-merge=off":
                 continue
+            case "none", "type=none":
+                none = true
             default:
                 if part.hasPrefix("accel=") {
                     throw CommandLineError("tern run: -machine \(value): tern runs only on KVM (accel=kvm)")
                 }
-                throw CommandLineError("tern run: -machine \(value): tern accepts only accel=kvm")
+                if part == "usb=on" {
+                    throw CommandLineError("tern run: -machine \(value): tern has no USB (usb=off)")
+                }
+                throw CommandLineError("tern run: -machine \(value): tern does not know '\(part)' (it has the pc and none machines, "
+                                       + "accel=kvm, usb=off, dump-guest-core, vmport=off, mem-merge)")
             }
         }
+        return none
     }
 
     /// Returns whether the invariant TSC is requested.

@@ -9,6 +9,11 @@ public enum Tern {
             return 2
         }
         let rest = Array(arguments.dropFirst())
+        // QEMU's command line with no subcommand (`tern -S -machine ...`), as libvirt runs a
+        // domain's emulator: the same as `tern run ...`.
+        if command.hasPrefix("-") && !["-h", "--help", "-help", "--version", "-version"].contains(command) {
+            return RunCommand.main(arguments: arguments)
+        }
         switch command {
         case "run":
             return RunCommand.main(arguments: rest)
