@@ -47,6 +47,11 @@ final class MigrationConnection: @unchecked Sendable {
     init(descriptor: Int32, child: Process? = nil) {
         self.descriptor = descriptor
         self.child = child
+        // The stream's threads block on reads and writes. A descriptor handed over by a client
+        // (getfd, -incoming fd:) may be non-blocking, as a Python socket with a timeout is:
+        // make it blocking, as QEMU's channel does.
+        let flags = fcntl(descriptor, F_GETFL)
+        if flags >= 0 && flags & O_NONBLOCK != 0 { _ = fcntl(descriptor, F_SETFL, flags & ~O_NONBLOCK) }
     }
 
     /// Waits, up to `timeout` seconds, until a socket's send queue (bytes the peer has not yet
