@@ -79,7 +79,7 @@ struct CommandLineTests {
         (["-m"], "option '-m' needs a value"),
         (["-smp", "0"], "-smp 0"),
         (["-smp", "two"], "-smp two"),
-        (["-serial", "pty"], "-serial pty"),
+        (["-serial", "vc"], "-serial vc"),
         (["-machine", "accel=tcg"], "only on KVM"),
         (["-cpu", "qemu64"], "-cpu qemu64"),
         (["-display", "gtk"], "-display gtk"),

@@ -52,6 +52,7 @@ struct LibvirtCommandLineTests {
             "-object", #"{"qom-type":"secret","id":"masterKey0","format":"raw","file":"/k"}"#,
         ])
         #expect(options.configuration.serial == .file(path: "/tmp/a,b"))
+        #expect(try RunOptions(arguments: ["-serial", "pty"]).configuration.serial == .pty)
     }
 
     @Test("what tern cannot do is refused by name", arguments: [
