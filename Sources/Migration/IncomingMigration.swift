@@ -5,6 +5,8 @@ import Machine
 struct IncomingSettings {
     var capabilities: [String] = []
     var decompressThreads = 2
+    /// `multifd-channels` here: the source must use as many.
+    var multifdChannels = 2
 }
 
 /// The destination side: reads the stream header and hands the rest to the loader of its
@@ -35,6 +37,12 @@ final class IncomingMigration {
     private var devices: IncomingDeviceStateSection?
     private var advisedPostcopy = false
     private var postcopy: PostcopyDestination?
+    /// With multifd: the channels, once MULTIFD_SETUP has named them.
+    private var multifd: MultifdReceiver?
+    private var ramSectionID: UInt16?
+    /// Accepts the next connection on the listener the main stream came in on (nil: there is
+    /// none, as with exec: or fd:, and multifd cannot be used).
+    var acceptChannel: (() throws(MigrationStreamError) -> MigrationConnection)?
     /// When the first switchover record arrived, and what dropping pages cost (for the log).
     private var switchoverStarted: UInt64?
     private var discardNanoseconds: UInt64 = 0
@@ -70,6 +78,9 @@ final class IncomingMigration {
             returnPath?.send(.loaded)
             return state
         } catch {
+            // A channel's failure stops the main stream's reading: its reason is the one to give.
+            let error = multifd?.failure.map { MigrationStreamError($0) } ?? error
+            multifd?.abort()
             returnPath?.send(.failed(error.message))
             postcopy?.stop()
             throw error
@@ -131,7 +142,8 @@ final class IncomingMigration {
             }
         }
         guard ram != nil, devices != nil else { throw MigrationStreamError("the stream has no RAM or no device-state section") }
-        if let ramLoader = ram, let ramID = configuration.sections.first(where: { $0.name == "ram" })?.id {
+        ramSectionID = configuration.sections.first(where: { $0.name == "ram" })?.id
+        if let ramLoader = ram, let ramID = ramSectionID {
             records.placementPrefix = IncomingRAMSection.directPrefix
             records.placement = { [unowned ramLoader] section, prefix, length in
                 section == ramID ? ramLoader.directTarget(prefix: prefix, bodyLength: length) : nil
@@ -150,9 +162,9 @@ final class IncomingMigration {
     }
 
     private func publish(_ progress: (IncomingStatistics) -> Void) {
-        statistics.pagesLoaded = ram?.pagesLoaded ?? 0
+        statistics.pagesLoaded = (ram?.pagesLoaded ?? 0) + (multifd?.pagesLoaded ?? 0)
         statistics.zeroPagesLoaded = ram?.zeroPagesLoaded ?? 0
-        statistics.bytesRead = bytesOnEarlierConnections + records.bytesRead
+        statistics.bytesRead = bytesOnEarlierConnections + records.bytesRead + (multifd?.bytesRead ?? 0)
         progress(statistics)
     }
 
@@ -217,7 +229,19 @@ final class IncomingMigration {
             let sinceStop = sourceStoppedAt.map { now >= $0 ? "\((now - $0) / 1_000_000) ms after the source stopped it" : "" } ?? ""
             log("postcopy: the guest runs here \(sinceStop) (switchover records took \((now - (switchoverStarted ?? now)) / 1_000_000) ms, "
                 + "\(discardedRuns) discarded runs \(discardNanoseconds / 1_000_000) ms); \(destination.lackingCount) pages to come")
+        case .multifdSetup:
+            try startMultifd()
+        case .multifdSync:
+            guard let multifd else { throw MigrationStreamError("a MULTIFD_SYNC record at byte \(record.streamOffset) without MULTIFD_SETUP") }
+            let number = try records.withBody { (body) throws(MigrationStreamError) -> UInt32 in
+                let number = try body.read(UInt32.self, "sync number")
+                try body.finish("a MULTIFD_SYNC record")
+                return number
+            }
+            try multifd.mainReached(number)
+            publish(progress)
         case .end:
+            try multifd?.finish()
             let expected = try records.withBody { (body) throws(MigrationStreamError) -> UInt64 in
                 let count = try body.read(UInt64.self, "record count")
                 try body.finish("the END record")
@@ -238,6 +262,31 @@ final class IncomingMigration {
             return devices!.recordedRunState ?? .paused
         }
         return nil
+    }
+
+    /// MULTIFD_SETUP: the channel count must be this side's, and the channels connect now.
+    private func startMultifd() throws(MigrationStreamError) {
+        guard multifd == nil else { throw MigrationStreamError("a second MULTIFD_SETUP record") }
+        let (count, session) = try records.withBody { (body) throws(MigrationStreamError) -> (UInt32, UInt64) in
+            let count = try body.read(UInt32.self, "channel count")
+            let session = try body.read(UInt64.self, "session")
+            try body.finish("the MULTIFD_SETUP record")
+            return (count, session)
+        }
+        guard settings.capabilities.contains(MigrationCapability.multifd.rawValue) else {
+            throw MigrationStreamError("the source uses multifd but the capability is off here (set it with migrate-set-capabilities before migrate-incoming)")
+        }
+        guard Int(count) == settings.multifdChannels else {
+            throw MigrationStreamError("the source uses \(count) multifd channels, this destination \(settings.multifdChannels) "
+                                       + "(set multifd-channels to the same number on both sides)")
+        }
+        guard let acceptChannel, let ramSectionID else {
+            throw MigrationStreamError("the source uses multifd, but this destination does not listen for its channels (use tcp: or unix:)")
+        }
+        let main = descriptor
+        multifd = try MultifdReceiver(count: Int(count), session: session, memory: target.memory, ramSection: ramSectionID,
+                                      accept: acceptChannel, onFailure: { _ = shutdown(main, Int32(SHUT_RD)) })
+        log("multifd: \(count) channels connected")
     }
 
     /// After the switchover a requested page queues behind whatever background pages the

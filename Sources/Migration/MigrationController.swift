@@ -239,6 +239,17 @@ public final class MigrationController: @unchecked Sendable {
             fail("Parameter 'uri' expects a valid migration protocol")
             throw MigrationError("Parameter 'uri' expects a valid migration protocol")
         }
+        if capability(.multifd) {
+            // Each channel is a connection of its own to the same address.
+            let refusal: String? = switch parsed {
+            case .tcp, .unix: capability(.postcopyRAM) ? "Multifd is not compatible with postcopy in tern yet" : nil
+            default: "Multifd needs a tcp: or unix: URI: each channel connects to the destination on its own"
+            }
+            if let refusal {
+                fail(refusal)
+                throw MigrationError(refusal)
+            }
+        }
         let connection: MigrationConnection
         do {
             connection = try MigrationConnection.connect(parsed, descriptorNamed: descriptorNamed)
@@ -255,7 +266,9 @@ public final class MigrationController: @unchecked Sendable {
         let plan = state.withLock { state in
             state.connection = connection
             state.switchoverCommitted = false
-            return MigrationPlan(capabilities: state.capabilities, parameters: state.parameters, xbzrleCacheSize: state.xbzrleCacheSize)
+            var plan = MigrationPlan(capabilities: state.capabilities, parameters: state.parameters, xbzrleCacheSize: state.xbzrleCacheSize)
+            if state.capabilities[.multifd] == true { plan.multifd = (parsed, Int(state.parameters.multifdChannels)) }
+            return plan
         }
         let outgoing = OutgoingMigration(machine: machine, controller: self, connection: connection, plan: plan)
         let thread = Thread {
@@ -457,7 +470,8 @@ public final class MigrationController: @unchecked Sendable {
             do throws(MigrationStreamError) {
                 let channel: MigrationConnection
                 if let ready { channel = ready } else { channel = try waiting!.accept() }
-                runIncoming(channel)
+                runIncoming(channel, listener: waiting)
+                waiting?.close()
             } catch {
                 incomingFailure(error.message)
             }
@@ -482,15 +496,19 @@ public final class MigrationController: @unchecked Sendable {
         return true
     }
 
-    private func runIncoming(_ connection: MigrationConnection) {
+    private func runIncoming(_ connection: MigrationConnection, listener: IncomingListener?) {
         state.withLock { $0.incoming.status = .active }
         log("incoming: loading")
         if capability(.events) { observer(.statusChanged(.active)) }
         let settings = state.withLock { state in
             IncomingSettings(capabilities: MigrationCapability.allCases.filter { state.capabilities[$0] == true }.map(\.rawValue),
-                             decompressThreads: Int(state.parameters.decompressThreads))
+                             decompressThreads: Int(state.parameters.decompressThreads),
+                             multifdChannels: Int(state.parameters.multifdChannels))
         }
         let incoming = IncomingMigration(machine: machine, descriptor: connection.descriptor, settings: settings)
+        if let listener {
+            incoming.acceptChannel = { () throws(MigrationStreamError) -> MigrationConnection in try listener.acceptChannel() }
+        }
         state.withLock { $0.incomingConnection = connection }
         incoming.log = { [log] in log("incoming: \($0)") }
         var started: UInt64?

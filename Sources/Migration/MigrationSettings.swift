@@ -14,11 +14,14 @@ public enum MigrationCapability: String, Sendable, CaseIterable {
     /// socket migration whether it is set or not (exec: and pipes have none); libvirt requires
     /// the capability to be listed and sets it.
     case returnPath = "return-path"
+    /// QEMU 4.0's multiple channels: RAM pages go over `multifd-channels` connections of their
+    /// own, each with a sending and a receiving thread (MultifdChannels.swift).
+    case multifd
 
     /// Capabilities tern can turn on; the others are refused when set to true.
     public var isImplemented: Bool {
         switch self {
-        case .events, .xbzrle, .compress, .autoConverge, .xPostcopyRAM, .postcopyRAM, .returnPath: true
+        case .events, .xbzrle, .compress, .autoConverge, .xPostcopyRAM, .postcopyRAM, .returnPath, .multifd: true
         case .rdmaPinAll, .zeroBlocks: false
         }
     }
@@ -89,6 +92,9 @@ public struct MigrationParameters: Equatable, Sendable {
     /// migration, in ms; either one turns on forecast-driven escalation. 0: not set.
     public var sloDowntime: UInt64 = 0
     public var sloTotalTime: UInt64 = 0
+    /// QEMU 4.0's `multifd-channels`: the connections RAM pages take with the `multifd`
+    /// capability; both sides must set the same number. QEMU's default, 2.
+    public var multifdChannels: Int64 = 2
 
     public init() {}
 
@@ -101,7 +107,7 @@ public struct MigrationParameters: Equatable, Sendable {
                                "x-cpu-throttle-increment", "cpu-throttle-initial", "cpu-throttle-increment",
                                "max-cpu-throttle", "max-bandwidth", "downtime-limit", "xbzrle-cache-size",
                                "multifd-compression", "x-checksum", "x-postcopy-after-passes", "max-postcopy-bandwidth",
-                               "x-slo-downtime", "x-slo-total-time"]
+                               "x-slo-downtime", "x-slo-total-time", "multifd-channels"]
 
     /// The kind of value each parameter takes.
     public enum Kind: Sendable { case integer, boolean, string }
@@ -160,6 +166,8 @@ public struct MigrationParameters: Equatable, Sendable {
             return range(0...86_400_000, "Parameter 'x-slo-total-time' expects an integer in the range of 0 to 86400000 milliseconds")
         case "x-postcopy-after-passes":
             return range(0...1000, "Parameter 'x-postcopy-after-passes' expects an integer in the range of 0 to 1000")
+        case "multifd-channels":
+            return range(1...255, "Parameter 'multifd-channels' expects is invalid, it should be in the range of 1 to 255")
         default:
             return "Parameter '\(name)' is unexpected"
         }
@@ -181,6 +189,7 @@ public struct MigrationParameters: Equatable, Sendable {
         case "max-postcopy-bandwidth": .integer(Int64(clamping: maxPostcopyBandwidth))
         case "x-slo-downtime": .integer(Int64(clamping: sloDowntime))
         case "x-slo-total-time": .integer(Int64(clamping: sloTotalTime))
+        case "multifd-channels": .integer(multifdChannels)
         default: .integer(0)
         }
     }
@@ -198,6 +207,7 @@ public struct MigrationParameters: Equatable, Sendable {
         case let ("multifd-compression", .string(v)): compressionMethod = CompressionMethod(rawValue: v) ?? .none
         case let ("x-checksum", .boolean(v)): checksums = v
         case let ("x-postcopy-after-passes", .integer(v)): postcopyAfterPasses = v
+        case let ("multifd-channels", .integer(v)): multifdChannels = v
         case let ("max-postcopy-bandwidth", .integer(v)): maxPostcopyBandwidth = UInt64(v)
         case let ("x-slo-downtime", .integer(v)): sloDowntime = UInt64(v)
         case let ("x-slo-total-time", .integer(v)): sloTotalTime = UInt64(v)
@@ -216,6 +226,8 @@ struct MigrationPlan {
     /// Postcopy may be started (the capability is on).
     var postcopy: Bool
     var postcopyAfterPasses: Int
+    /// With the `multifd` capability: where the channels connect and how many.
+    var multifd: (uri: MigrationURI, channels: Int)?
 
     init(capabilities: [MigrationCapability: Bool], parameters: MigrationParameters, xbzrleCacheSize: UInt64) {
         self.capabilities = MigrationCapability.allCases.filter { capabilities[$0] == true }.map(\.rawValue)

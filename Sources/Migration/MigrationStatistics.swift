@@ -15,6 +15,8 @@ public struct MigrationStatistics: Equatable, Sendable {
     public var skipped: UInt64 = 0
     /// Pages sent with their contents.
     public var normal: UInt64 = 0
+    /// Bytes sent on the multifd channels (QEMU's `ram.multifd-bytes`); nil without multifd.
+    public var multifdBytes: UInt64?
     public var dirtyPagesRate: UInt64 = 0
     public var mbps: Double = 0
     public var dirtySyncCount: UInt64 = 0

@@ -61,6 +61,13 @@ public enum StreamRecordType: UInt8, Sendable, CaseIterable {
     /// The first record of a connection that resumes a paused postcopy, instead of the
     /// configuration: u64 RAM size, u32 page size. Required.
     case resume = 0x08
+    /// Multifd: u32 channel count, u64 session id; right after the configuration. The
+    /// destination accepts that many channel connections (each naming the session) before it
+    /// reads on. Required.
+    case multifdSetup = 0x09
+    /// Multifd: u32 sync number. On the main stream and on every channel after a pass's pages:
+    /// the destination lets no stream past it until all have reached it. Required.
+    case multifdSync = 0x0a
     /// u64 number of records before this one, as a check. Required, last.
     case end = 0x7e
 
@@ -74,6 +81,8 @@ public enum StreamRecordType: UInt8, Sendable, CaseIterable {
         case .discard: "DISCARD"
         case .postcopyRun: "POSTCOPY_RUN"
         case .resume: "RESUME"
+        case .multifdSetup: "MULTIFD_SETUP"
+        case .multifdSync: "MULTIFD_SYNC"
         case .end: "END"
         }
     }

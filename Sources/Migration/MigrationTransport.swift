@@ -137,21 +137,22 @@ final class MigrationConnection: @unchecked Sendable {
 }
 
 /// The destination's listening end for `-incoming tcp:` and `unix:`: bound at once (so errors
-/// show at start-up), accepting one connection.
+/// show at start-up), accepting the main connection and then, with multifd, its channels.
 final class IncomingListener: @unchecked Sendable {
-    // Sendable: the descriptor is fixed; only `accept`, called once, closes it.
+    // Sendable: the descriptor is fixed; `closed` guards the one close.
     let descriptor: Int32
     let uri: MigrationURI
+    private let closed = Mutex(false)
 
     init(uri: MigrationURI) throws(MigrationStreamError) {
         self.uri = uri
         switch uri {
         case let .tcp(host, port):
-            let fd = csocket_listen_tcp(host == "0" ? "" : host, port, 1, nil)
+            let fd = csocket_listen_tcp(host == "0" ? "" : host, port, 16, nil)
             guard fd >= 0 else { throw MigrationStreamError("Failed to bind socket: \(String(cString: strerror(-fd)))") }
             descriptor = fd
         case let .unix(path):
-            let fd = csocket_listen_unix(path, 1)
+            let fd = csocket_listen_unix(path, 16)
             guard fd >= 0 else { throw MigrationStreamError("Failed to bind socket to \(path): \(String(cString: strerror(-fd)))") }
             descriptor = fd
         default:
@@ -159,11 +160,32 @@ final class IncomingListener: @unchecked Sendable {
         }
     }
 
+    /// The main connection (waits as long as it takes).
     func accept() throws(MigrationStreamError) -> MigrationConnection {
         let fd = csocket_accept(descriptor)
+        guard fd >= 0 else {
+            close()
+            throw MigrationStreamError("accepting the migration connection failed: \(String(cString: strerror(-fd)))")
+        }
+        return MigrationConnection(descriptor: fd)
+    }
+
+    /// A multifd channel: it must connect within `timeout` seconds.
+    func acceptChannel(timeout: Int32 = MultifdReceiver.connectTimeoutSeconds) throws(MigrationStreamError) -> MigrationConnection {
+        var waiting = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
+        let ready = poll(&waiting, 1, timeout * 1000)
+        guard ready > 0 else {
+            throw MigrationStreamError("a multifd channel did not connect within \(timeout) s")
+        }
+        let fd = csocket_accept(descriptor)
+        guard fd >= 0 else { throw MigrationStreamError("accepting a multifd channel failed: \(String(cString: strerror(-fd)))") }
+        return MigrationConnection(descriptor: fd)
+    }
+
+    /// Stops listening (and removes a unix socket's file). Once only.
+    func close() {
+        guard !closed.withLock({ let was = $0; $0 = true; return was }) else { return }
         Foundation.close(descriptor)
         if case let .unix(path) = uri { unlink(path) }
-        guard fd >= 0 else { throw MigrationStreamError("accepting the migration connection failed: \(String(cString: strerror(-fd)))") }
-        return MigrationConnection(descriptor: fd)
     }
 }

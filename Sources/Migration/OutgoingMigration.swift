@@ -39,6 +39,9 @@ final class OutgoingMigration: @unchecked Sendable {
     var lastDirtySample: UInt64 = 0
     /// The stream position when postcopy's guest started on the destination.
     var postcopyStart: UInt64?
+    /// The multifd channels, with the `multifd` capability.
+    var multifd: MultifdSender?
+    private var multifdSyncs: UInt32 = 0
     /// How long the source waits at the end for the destination's verdict.
     static let verdictTimeoutSeconds = 30.0
 
@@ -121,6 +124,22 @@ final class OutgoingMigration: @unchecked Sendable {
             returnPath = listener
             writer.record(.ping, required: false) { $0.append(UInt32(1)) }
         }
+        if let setup = plan.multifd {
+            // The destination learns the channel count and session before the channels connect
+            // (after the return path, so that a refusal reaches the user with its reason).
+            let session = UInt64.random(in: 1...UInt64.max)
+            writer.record(.multifdSetup, required: true) {
+                $0.append(UInt32(setup.channels))
+                $0.append(session)
+            }
+            writer.flush()
+            if let error = writer.error { throw error }
+            let sender = try MultifdSender(uri: setup.uri, count: setup.channels, session: session, ramSection: 0,
+                                           checksums: plan.checksums)
+            multifd = sender
+            ram.useMultifd(sender)
+            controller.log("multifd: \(setup.channels) channels connected")
+        }
         for (index, section) in sections.enumerated() {
             try section.setup(SectionStream(writer: writer, id: UInt16(index)))
         }
@@ -131,7 +150,7 @@ final class OutgoingMigration: @unchecked Sendable {
     /// running when it was stopped.
     private func iterateUntilConverged() throws(LoopFailure) -> Bool {
         var limiter = RateLimiter(bandwidth: controller.parameters.maxBandwidth,
-                                  now: WallClock.monotonicMilliseconds(), position: writer.position)
+                                  now: WallClock.monotonicMilliseconds(), position: position)
         var windowClosed = false
         let activeStart = WallClock.monotonicMilliseconds()
         while controller.status == .active {
@@ -141,13 +160,14 @@ final class OutgoingMigration: @unchecked Sendable {
             if let bad = returnPath?.protocolError {
                 throw LoopFailure(message: "the destination sent a bad return-path message: \(bad)")
             }
+            if let failure = multifd?.error { throw LoopFailure(message: failure) }
             if plan.postcopy {
                 _ = returnPath?.takeRequests() // before the switchover every page is on its way anyway
                 if controller.postcopyRequested {
                     return try runPostcopy()
                 }
             }
-            if !limiter.isExhausted(position: writer.position) {
+            if !limiter.isExhausted(position: position) {
                 var switchOver = false
                 if sections.allSatisfy(\.passComplete) {
                     // A pass is done: sync, then apply the downtime test to what is left.
@@ -156,7 +176,7 @@ final class OutgoingMigration: @unchecked Sendable {
                         // No 100 ms window has closed yet: estimate the bandwidth from the
                         // stream so far, so a small guest neither waits nor spins on syncs.
                         let elapsed = max(WallClock.monotonicMilliseconds() - activeStart, 1)
-                        policy.bandwidthMeasured(bytesPerMillisecond: writer.position / elapsed,
+                        policy.bandwidthMeasured(bytesPerMillisecond: position / elapsed,
                                                  downtimeLimitNanoseconds: downtimeLimitNanoseconds)
                     }
                     switchOver = policy.shouldSwitchOver(pending: pending.total, passes: Int(stats.dirtySyncCount))
@@ -174,7 +194,7 @@ final class OutgoingMigration: @unchecked Sendable {
                     drainBeforeStop()
                     return try switchOverAndComplete()
                 }
-                let budget = limiter.allowance(position: writer.position)
+                let budget = limiter.allowance(position: position)
                 for (index, section) in sections.enumerated() where !section.passComplete {
                     do throws(MigrationStreamError) {
                         try section.iterate(SectionStream(writer: writer, id: UInt16(index)), budget: budget)
@@ -186,7 +206,7 @@ final class OutgoingMigration: @unchecked Sendable {
             }
             if let error = writer.error { throw LoopFailure(message: error.message) }
             let now = WallClock.monotonicMilliseconds()
-            if let window = limiter.closeWindowIfElapsed(now: now, position: writer.position) {
+            if let window = limiter.closeWindowIfElapsed(now: now, position: position) {
                 windowClosed = true
                 // The forecast first, so that the statistics the window publishes carry it.
                 if try forecastWindow(window, pending: pending.total) == .startPostcopy {
@@ -195,7 +215,7 @@ final class OutgoingMigration: @unchecked Sendable {
                 windowClosedWith(window)
                 limiter.limitPerWindow = RateLimiter.limit(for: controller.parameters.maxBandwidth)
             }
-            if limiter.isExhausted(position: writer.position) {
+            if limiter.isExhausted(position: position) {
                 writer.flush() // nothing waits in the buffer while the window sleeps
                 usleep(UInt32(max(limiter.millisecondsLeft(now: now), 1) * 1000))
             }
@@ -238,6 +258,7 @@ final class OutgoingMigration: @unchecked Sendable {
 
     /// Syncs every section's dirty tracking and tells the observers.
     private func endPass() throws(MigrationStreamError) {
+        try syncChannels()
         var dirtied: UInt64 = 0
         let syncStart = WallClock.monotonicNanoseconds()
         for section in sections { dirtied += try section.beginPass() }
@@ -249,7 +270,7 @@ final class OutgoingMigration: @unchecked Sendable {
         writer.record(.passEnd, required: false) { $0.append(UInt32(truncatingIfNeeded: self.stats.dirtySyncCount)) }
         sections.forEach { $0.report(into: &stats) }
         let report = PassReport(now: WallClock.monotonicMilliseconds(), dirtiedBytes: dirtied,
-                                transferredBytes: writer.position, pagesSent: pagesSent, passes: Int(stats.dirtySyncCount))
+                                transferredBytes: position, pagesSent: pagesSent, passes: Int(stats.dirtySyncCount))
         observers.forEach { $0.passEnded(report) }
     }
 
@@ -269,12 +290,14 @@ final class OutgoingMigration: @unchecked Sendable {
                 if let error = writer.error { throw error }
                 guard controller.status == .active else { throw MigrationStreamError("cancelled") }
             }
+            try syncChannels()
             guard controller.commitSwitchover() else { throw MigrationStreamError("cancelled") }
             writer.record(.sourceStopped, required: false) { $0.append(stoppedAt) }
             let records = writer.recordsWritten
             writer.record(.end, required: true) { $0.append(records) }
             writer.flush()
             if let error = writer.error { throw error }
+            if let failure = multifd?.finish() { throw MigrationStreamError(failure) }
         } catch {
             throw LoopFailure(message: error.message, stoppedGuestWasRunning: wasRunning)
         }
@@ -307,6 +330,7 @@ final class OutgoingMigration: @unchecked Sendable {
             failure = (stats.downtime == nil && wasRunning == nil ? "the destination refused the migration: "
                        : "the destination failed to load the migration: ") + reason
         }
+        if failure != nil || controller.status == .cancelling { multifd?.abort() }
         flushStatistics()
         endThrottles() // the throttle ends with the migration
         sections.forEach { $0.cleanup() }
@@ -352,8 +376,23 @@ final class OutgoingMigration: @unchecked Sendable {
         }
     }
 
+    /// Bytes put on the wire: the main stream's and the multifd channels'.
+    var position: UInt64 { writer.position + (multifd?.bytesQueued ?? 0) }
+
+    /// The end of a pass, or of the last copy, on the multifd channels and the main stream.
+    private func syncChannels() throws(MigrationStreamError) {
+        guard let multifd else { return }
+        if let failure = multifd.error { throw MigrationStreamError(failure) }
+        multifdSyncs += 1
+        multifd.sync(multifdSyncs)
+        writer.record(.multifdSync, required: true) { $0.append(self.multifdSyncs) }
+        // Now, not when the buffer fills: the destination's channels wait at this mark for the
+        // main stream, and the next pass's pages wait behind them.
+        writer.flush()
+    }
+
     func flushStatistics() {
-        stats.transferred = bytesOnEarlierConnections + writer.position
+        stats.transferred = bytesOnEarlierConnections + position
         if let postcopyStart { stats.postcopyBytes = stats.transferred - postcopyStart }
         // Frozen once a pre-copy completes; postcopy counts down after its switchover.
         if stats.downtime == nil || stats.enteredPostcopy { sections.forEach { $0.report(into: &stats) } }

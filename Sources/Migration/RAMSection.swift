@@ -35,6 +35,8 @@ final class OutgoingRAMSection: PostcopyLiveSection {
     private var compressed: CompressedPageEncoder?
     private let probe: PageSavingsProbe?
     private let raw = RawPageEncoder()
+    /// The encoder that takes every page the others leave: raw, or the multifd channels'.
+    private var last: PageEncoder
     private var chain: [PageEncoder]
     /// Every encoder this migration used, for the statistics (the chain shrinks in postcopy).
     private var allEncoders: [PageEncoder]
@@ -59,6 +61,7 @@ final class OutgoingRAMSection: PostcopyLiveSection {
             xbzrle = nil
         }
         compressed = settings.compression.map { CompressedPageEncoder(method: $0.method, level: $0.level, threads: $0.threads) }
+        last = raw
         chain = [zero] + [xbzrle as PageEncoder?, compressed].compactMap { $0 } + [raw]
         allEncoders = chain
         probe = settings.probeSavings ? PageSavingsProbe(memory: memory) : nil
@@ -92,8 +95,15 @@ final class OutgoingRAMSection: PostcopyLiveSection {
         return true
     }
 
+    /// The `multifd` capability: raw pages go to the channels instead of the main stream
+    /// (before the first pass).
+    func useMultifd(_ sender: MultifdSender) {
+        last = MultifdPageEncoder(sender: sender)
+        rebuildChain()
+    }
+
     private func rebuildChain() {
-        chain = [zero] + [xbzrle as PageEncoder?, compressed].compactMap { $0 } + [raw]
+        chain = [zero] + [xbzrle as PageEncoder?, compressed].compactMap { $0 } + [last]
         for encoder in chain where !allEncoders.contains(where: { $0 === encoder }) { allEncoders.append(encoder) }
     }
 

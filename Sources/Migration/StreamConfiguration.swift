@@ -22,7 +22,7 @@ struct StreamConfiguration: Equatable {
     var returnPath: Bool
 
     /// Capabilities that change what the destination must do, so both sides must agree on them.
-    static let negotiatedCapabilities: Set<String> = [MigrationCapability.compress.rawValue]
+    static let negotiatedCapabilities: Set<String> = [MigrationCapability.compress.rawValue, MigrationCapability.multifd.rawValue]
 
     static let maximumNames = 1024
     static let maximumNameLength = 64

@@ -144,6 +144,7 @@ extension QMPStandardCommands {
             "mbps": .double(stats.mbps),
             "dirty-sync-count": .int(Int64(stats.dirtySyncCount)),
         ]
+        if let multifdBytes = stats.multifdBytes { ram["multifd-bytes"] = .int(Int64(clamping: multifdBytes)) }
         if stats.enteredPostcopy || migration.capability(.postcopyRAM) {
             ram["postcopy-requests"] = .int(Int64(clamping: stats.postcopyRequests))
             ram["postcopy-bytes"] = .int(Int64(clamping: stats.postcopyBytes))

@@ -1,0 +1,224 @@
+"""Multifd: RAM pages over several connections of their own (the `multifd` capability and the
+`multifd-channels` parameter, QEMU 4.0's names), with real migrations between tern processes
+over tcp and unix sockets, driven over QMP with qemu.qmp.
+
+Checked from both ends as in test_capabilities.py: the source's query-migrate (`multifd-bytes`
+shows the channels carried the pages), the destination's RAM against the source's
+(x-query-memory-digest, the destination held paused by -S) and the destination guest's
+self-check. The guest dirties its pages while the migration runs, over a limited link, so pages
+go again in later passes on any channel: a channel that delivered an older copy after a newer
+one would show in the digest and the guest's check.
+
+Skipped, loudly, without /dev/kvm or the tern binary (TERN_BINARY, default .build/debug/tern).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from migration_support import UNLIMITED, asynctest, execute, execute_error, session, skip_reason, wait_status
+from test_capabilities import (  # noqa: F401 - launch is a fixture
+    Watch, check_completed, compare_and_resume, run_migration, set_capabilities,
+)
+from test_migration import launch, tcp_uri  # noqa: F401
+
+_SKIP = skip_reason()
+pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
+
+MiB = 1 << 20
+DIRTYING = "wss=32M rate=16M"
+
+
+async def multifd_destination(launch, uri: str, channels: int, label: str = "dst", **options):
+    dst = launch(label, incoming="defer", **options)
+    async with session(dst) as d:
+        await set_capabilities(d, ["multifd"])
+        assert await execute(d, "migrate-set-parameters", {"multifd-channels": channels}) == {}
+        assert await execute(d, "migrate-incoming", {"uri": uri}) == {}
+    return dst
+
+
+@pytest.mark.parametrize("channels,transport", [(1, "tcp"), (2, "tcp"), (4, "tcp"), (2, "unix")])
+@asynctest
+async def test_multifd_migration(launch, tmp_path, channels, transport):
+    """The guest dirties 16 MiB/s over a 32 MiB/s link, so the passes after the first re-send
+    pages on every channel; the destination's RAM is the source's and its guest runs on."""
+    uri = tcp_uri() if transport == "tcp" else f"unix:{tmp_path}/m.sock"
+    src = launch("src", append=DIRTYING)
+    dst = await multifd_destination(launch, uri, channels, paused=True)
+    async with session(src) as s:
+        info = await run_migration(s, src, uri, bandwidth=32 * MiB, capabilities=["multifd"],
+                                   parameters={"multifd-channels": channels})
+        await check_completed(s, src, info)
+    ram = info["ram"]
+    assert ram["dirty-sync-count"] >= 2, f"the pages dirtied during the first pass should go again: {info}"
+    assert ram["multifd-bytes"] >= ram["normal"] * 4096, f"the channels should carry every raw page: {info}"
+    assert ram["transferred"] >= ram["multifd-bytes"], info
+    assert f"multifd: {channels} channels connected" in src.stderr_text(), src.diagnostics()
+    await compare_and_resume(src, dst)
+
+
+@asynctest
+async def test_multifd_unlimited(launch):
+    """At full speed (the channels' threads against the main stream's), with 2 channels."""
+    uri = tcp_uri()
+    src = launch("src", append=DIRTYING)
+    dst = await multifd_destination(launch, uri, 2, paused=True)
+    async with session(src) as s:
+        info = await run_migration(s, src, uri, bandwidth=UNLIMITED, capabilities=["multifd"],
+                                   parameters={"multifd-channels": 2})
+        await check_completed(s, src, info)
+    await compare_and_resume(src, dst)
+
+
+@asynctest
+async def test_multifd_channel_count_mismatch(launch):
+    """4 channels against a destination set for 2: refused at MULTIFD_SETUP, before any page,
+    with both counts named; the source's guest keeps running."""
+    uri = tcp_uri()
+    src = launch("src")
+    dst = await multifd_destination(launch, uri, 2)
+    dst.expect_exit = True
+    async with session(src) as s:
+        started = time.monotonic()
+        info = await run_migration(s, src, uri, bandwidth=32 * MiB, capabilities=["multifd"],
+                                   parameters={"multifd-channels": 4}, timeout=15, wanted=("failed",))
+        assert time.monotonic() - started < 10
+        desc = info.get("error-desc", "")
+        assert "the source uses 4 multifd channels, this destination 2" in desc, info
+        await wait_status(s, src, "running")
+        seen = len(src.passes())
+        await src.wait_passes(2, after=seen, timeout=10)
+    assert await dst.wait_exit(timeout=10) == 1, dst.diagnostics()
+    assert not dst.passes(), "the refusing destination ran a guest" + dst.diagnostics()
+
+
+@asynctest
+async def test_multifd_only_on_one_side(launch):
+    """The capability on the source only: the configuration record says so before any page."""
+    uri = tcp_uri()
+    src = launch("src")
+    dst = launch("dst", incoming=uri)
+    dst.expect_exit = True
+    async with session(src) as s:
+        info = await run_migration(s, src, uri, bandwidth=32 * MiB, capabilities=["multifd"], timeout=15,
+                                   wanted=("failed",))
+        assert "capability 'multifd'" in info.get("error-desc", ""), info
+        await wait_status(s, src, "running")
+    assert await dst.wait_exit(timeout=10) == 1, dst.diagnostics()
+
+
+class ChannelCutter:
+    """A TCP proxy that forwards every connection to `target_port` and, once connection number
+    `victim` (0: the main stream, 1: the first channel, ...) has carried `after` bytes towards the
+    destination, cuts that one connection only."""
+
+    def __init__(self, target_port: int, victim: int, after: int):
+        self.target_port, self.victim, self.after = target_port, victim, after
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.cut = threading.Event()
+        self.connections: list[tuple[socket.socket, socket.socket]] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            number = len(self.connections)
+            self.connections.append((client, upstream))
+            threading.Thread(target=self._pump, args=(client, upstream, number, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, number, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, number: int, forward: bool) -> None:
+        carried = 0
+        while True:
+            try:
+                data = source.recv(1 << 16)
+            except OSError:
+                break
+            if not data:
+                break
+            carried += len(data)
+            if forward and number == self.victim and carried >= self.after:
+                self.cut.set()
+                for end in (source, sink):
+                    try:
+                        end.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    end.close()
+                return
+            try:
+                sink.sendall(data)
+            except OSError:
+                break
+        try:
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for pair in self.connections:
+            for end in pair:
+                try:
+                    end.close()
+                except OSError:
+                    pass
+
+
+@asynctest
+async def test_multifd_channel_dropped(launch):
+    """One channel's connection breaks mid-migration: the migration fails cleanly, naming the
+    channel, and the source's guest runs on, intact."""
+    port = int(tcp_uri().rsplit(":", 1)[1])
+    dst = await multifd_destination(launch, f"tcp:127.0.0.1:{port}", 2)
+    dst.expect_exit = True
+    cutter = ChannelCutter(port, victim=2, after=4 * MiB)
+    src = launch("src", append=DIRTYING)
+    try:
+        async with session(src) as s:
+            info = await run_migration(s, src, f"tcp:127.0.0.1:{cutter.port}", bandwidth=32 * MiB,
+                                       capabilities=["multifd"], parameters={"multifd-channels": 2}, timeout=30,
+                                       wanted=("failed",))
+            assert cutter.cut.is_set(), "the proxy never cut the channel"
+            desc = info.get("error-desc", "")
+            assert "multifd channel" in desc or "destination" in desc, info
+            await wait_status(s, src, "running")
+            seen = len(src.passes())
+            await src.wait_passes(2, after=seen, timeout=10)
+            src.assert_healthy()
+    finally:
+        cutter.close()
+    assert await dst.wait_exit(timeout=15) == 1, dst.diagnostics()
+    assert "multifd channel" in dst.stderr_text(), dst.diagnostics()
+
+
+@asynctest
+async def test_multifd_refusals(launch, tmp_path):
+    """What multifd cannot do is refused before anything is sent, and its parameter's range is
+    QEMU's."""
+    vm = launch("vm")
+    async with session(vm) as q:
+        parameters = await execute(q, "query-migrate-parameters")
+        assert parameters["multifd-channels"] == 2, parameters
+        for bad in (0, 256):
+            await execute_error(q, "migrate-set-parameters", {"multifd-channels": bad},
+                                desc="Parameter 'multifd-channels' expects is invalid, it should be in the range of 1 to 255")
+        await set_capabilities(q, ["multifd"])
+        await execute_error(q, "migrate", {"uri": f"exec:cat > {tmp_path}/x"},
+                            desc="Multifd needs a tcp: or unix: URI: each channel connects to the destination on its own")
+        await set_capabilities(q, ["postcopy-ram"])
+        await execute_error(q, "migrate", {"uri": tcp_uri()}, desc="Multifd is not compatible with postcopy in tern yet")
+        assert (await execute(q, "query-status"))["status"] == "running"
