@@ -916,7 +916,7 @@ async def test_capabilities(launch):
     async with session(vm) as q:
         listed = {c["capability"]: c["state"] for c in await execute(q, "query-migrate-capabilities")}
         assert set(listed) == {"xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "compress", "events",
-                               "x-postcopy-ram", "postcopy-ram", "return-path"}, listed
+                               "x-postcopy-ram", "postcopy-ram", "return-path", "multifd"}, listed
         assert not any(listed.values()), f"every capability starts off: {listed}"
         for unimplemented in ("rdma-pin-all", "zero-blocks"):
             await execute_error(q, "migrate-set-capabilities",
