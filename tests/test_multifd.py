@@ -222,3 +222,20 @@ async def test_multifd_refusals(launch, tmp_path):
         await set_capabilities(q, ["postcopy-ram"])
         await execute_error(q, "migrate", {"uri": tcp_uri()}, desc="Multifd is not compatible with postcopy in tern yet")
         assert (await execute(q, "query-status"))["status"] == "running"
+
+
+@asynctest
+async def test_multifd_with_xbzrle(launch):
+    """XBZRLE on the main stream beside the channels: the deltas of the later passes are taken
+    against what the channels delivered (the pages are copied when offered, so the cache holds
+    exactly that), and the destination's RAM is the source's."""
+    uri = tcp_uri()
+    src = launch("src", append="wss=32M rate=32M lines=2")
+    dst = await multifd_destination(launch, uri, 2, paused=True)
+    async with session(src) as s:
+        info = await run_migration(s, src, uri, bandwidth=16 * MiB, capabilities=["multifd", "xbzrle"],
+                                   parameters={"multifd-channels": 2}, cache_size=32 * MiB)
+        await check_completed(s, src, info)
+    assert info["xbzrle-cache"]["pages"] > 1000, f"the later passes should have gone as deltas: {info}"
+    assert info["ram"]["multifd-bytes"] > 16 * MiB, info
+    await compare_and_resume(src, dst)

@@ -1,17 +1,39 @@
 /// With the `multifd` capability, the raw encoder's place at the end of the RAM section's chain:
-/// pages that no other encoder took are copied into batches for the multifd channels instead of
-/// the main stream. The copy is taken when the page is offered, as the raw encoder's is, so a
-/// page the guest writes afterwards is simply dirty again for the next pass.
+/// pages that no other encoder took go in batches to the multifd channels instead of the main
+/// stream. The channel's thread copies them from guest memory, so the migration thread only
+/// scans; a page the guest writes before its copy is taken is sent as it is then, and is dirty
+/// again for the next pass anyway. With XBZRLE on, whose cache must hold exactly what the
+/// destination got, the copy is taken here when the page is offered, as the raw encoder does.
 final class MultifdPageEncoder: PageEncoder {
     let encoding = PageEncoding.raw
     private let sender: MultifdSender
     private var batch = MultifdBatch()
     private(set) var pages: UInt64 = 0
     private let pageSize = Int(MigrationStreamFormat.pageSize)
+    private let guestBase: UnsafeRawPointer
+    /// Whether pages are copied when offered (XBZRLE is on). Set between iterations, when no
+    /// batch is open (each iteration ends with a flush).
+    var copiesPages: Bool {
+        didSet {
+            if batch.runs.isEmpty { batch = fresh() } else { send(); batch = fresh() }
+        }
+    }
 
-    init(sender: MultifdSender) {
+    init(sender: MultifdSender, guestBase: UnsafeRawPointer, copiesPages: Bool) {
         self.sender = sender
-        batch.data.reserveCapacity(MultifdSender.batchPages * pageSize)
+        self.guestBase = guestBase
+        self.copiesPages = copiesPages
+        batch = fresh()
+    }
+
+    private func fresh() -> MultifdBatch {
+        var batch = MultifdBatch()
+        if copiesPages {
+            batch.data.reserveCapacity(MultifdSender.batchPages * pageSize)
+        } else {
+            batch.guestBase = guestBase
+        }
+        return batch
     }
 
     func offer(_ candidate: inout PageCandidate, _ stream: SectionStream) -> Bool {
@@ -20,9 +42,10 @@ final class MultifdPageEncoder: PageEncoder {
         } else {
             batch.runs.append((candidate.page, 1))
         }
-        batch.data.append(contentsOf: UnsafeRawBufferPointer(start: candidate.contents, count: pageSize))
+        if copiesPages { batch.data.append(contentsOf: UnsafeRawBufferPointer(start: candidate.contents, count: pageSize)) }
         pages += 1
-        if batch.data.count >= MultifdSender.batchPages * pageSize { send() }
+        batched += 1
+        if batched >= MultifdSender.batchPages { send() }
         return true
     }
 
@@ -30,11 +53,13 @@ final class MultifdPageEncoder: PageEncoder {
     /// channels before its MULTIFD_SYNC.
     func flush(_ stream: SectionStream) { send() }
 
+    private var batched = 0
+
     private func send() {
         guard !batch.runs.isEmpty else { return }
         sender.send(batch)
-        batch = MultifdBatch()
-        batch.data.reserveCapacity(MultifdSender.batchPages * pageSize)
+        batch = fresh()
+        batched = 0
     }
 
     func report(into statistics: inout MigrationStatistics) {

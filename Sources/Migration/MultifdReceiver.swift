@@ -20,6 +20,8 @@ final class MultifdReceiver: @unchecked Sendable {
     }
 
     private let connections: [MigrationConnection]
+    /// Each channel's reader, used by its thread only.
+    private let readers: [MigrationStreamReader]
     private let memory: GuestMemory
     private let ramSection: UInt16
     private let state: Mutex<State>
@@ -36,32 +38,35 @@ final class MultifdReceiver: @unchecked Sendable {
          accept: () throws(MigrationStreamError) -> MigrationConnection,
          onFailure: @escaping @Sendable () -> Void) throws(MigrationStreamError) {
         self.onFailure = onFailure
-        var byIndex = [MigrationConnection?](repeating: nil, count: count)
+        // Each channel's reader reads on from its header: it may already hold the first records.
+        var byIndex = [(connection: MigrationConnection, reader: MigrationStreamReader)?](repeating: nil, count: count)
         for _ in 0..<count {
             let connection = try accept()
+            let reader = MigrationStreamReader(descriptor: connection.descriptor)
             do throws(MigrationStreamError) {
-                let index = try Self.readHeader(connection, session: session, count: count)
+                let index = try Self.readHeader(reader, session: session, count: count)
                 guard byIndex[index] == nil else { throw MigrationStreamError("multifd channel \(index) connected twice") }
-                byIndex[index] = connection
+                byIndex[index] = (connection, reader)
             } catch {
                 _ = connection.close()
-                byIndex.compactMap { $0 }.forEach { _ = $0.close() }
+                byIndex.compactMap { $0 }.forEach { _ = $0.connection.close() }
                 throw error
             }
         }
-        connections = byIndex.map { $0! }
+        let channels = byIndex.map { $0! }
+        connections = channels.map(\.connection)
+        readers = channels.map(\.reader)
         self.memory = memory
         self.ramSection = ramSection
         state = Mutex(State(reached: Array(repeating: 0, count: count), ended: Array(repeating: false, count: count), running: count))
-        for (index, connection) in connections.enumerated() {
-            let thread = Thread { [self] in run(index, connection) }
+        for index in channels.indices {
+            let thread = Thread { [self] in run(index, readers[index]) }
             thread.name = "multifd-recv-\(index)"
             thread.start()
         }
     }
 
-    private static func readHeader(_ connection: MigrationConnection, session: UInt64, count: Int) throws(MigrationStreamError) -> Int {
-        let reader = MigrationStreamReader(descriptor: connection.descriptor)
+    private static func readHeader(_ reader: MigrationStreamReader, session: UInt64, count: Int) throws(MigrationStreamError) -> Int {
         let magic = try reader.readBytes(MultifdChannelHeader.magic.count)
         guard magic == MultifdChannelHeader.magic else {
             throw MigrationStreamError("a connection that is not a multifd channel arrived while the channels were expected")
@@ -146,12 +151,11 @@ final class MultifdReceiver: @unchecked Sendable {
     /// Why the channels failed, if they did.
     var failure: String? { state.withLock { $0.failure } }
 
-    private func run(_ index: Int, _ connection: MigrationConnection) {
+    private func run(_ index: Int, _ reader: MigrationStreamReader) {
         defer {
             state.withLock { $0.running -= 1 }
             signal()
         }
-        let reader = MigrationStreamReader(descriptor: connection.descriptor)
         let records = StreamRecordReader(reader: reader)
         var placed: UInt64?
         records.placementPrefix = IncomingRAMSection.directPrefix

@@ -12,11 +12,15 @@ enum MultifdChannelHeader {
     static let size = 8 + 4 + 8 + 4
 }
 
-/// A run of contiguous guest pages copied out of guest memory, on its way to a channel.
-struct MultifdBatch {
-    /// (first page, page count) for each run, in the order of their bytes in `data`.
+/// Runs of guest pages on their way to a channel: either copied out already (`data`, in the
+/// order of `runs`), or to be copied by the channel's thread straight from guest memory
+/// (`guestBase`), which takes the copy off the migration thread.
+struct MultifdBatch: @unchecked Sendable {
+    // Sendable: `guestBase` is guest RAM's mapping, which outlives the migration.
+    /// (first page, page count) for each run.
     var runs: [(page: Int, count: Int)] = []
     var data: [UInt8] = []
+    var guestBase: UnsafeRawPointer?
     var pages: Int { runs.reduce(0) { $0 + $1.count } }
 }
 
@@ -106,7 +110,7 @@ final class MultifdSender: @unchecked Sendable {
         guard !batch.runs.isEmpty else { return }
         let channel = channels[next]
         next = (next + 1) % channels.count
-        queued.add(UInt64(batch.data.count + 13 * batch.runs.count), ordering: .relaxed)
+        queued.add(UInt64(batch.pages * Int(MigrationStreamFormat.pageSize) + 13 * batch.runs.count), ordering: .relaxed)
         enqueue(.batch(batch), on: channel, bounded: true)
     }
 
@@ -178,13 +182,16 @@ final class MultifdSender: @unchecked Sendable {
                 guard error == nil else { continue }
                 batch.data.withUnsafeBytes { bytes in
                     var offset = 0
+                    let pageSize = Int(MigrationStreamFormat.pageSize)
                     for run in batch.runs {
                         writer.record(.sectionData, section: ramSection, required: true) { writer in
                             writer.append(PageEncoding.raw.rawValue)
                             writer.append(UInt64(run.page) * MigrationStreamFormat.pageSize)
                             writer.append(UInt32(run.count))
-                            let length = run.count * Int(MigrationStreamFormat.pageSize)
-                            writer.append(memory: bytes.baseAddress! + offset, count: length)
+                            let length = run.count * pageSize
+                            // From guest memory the copy into the record is the one the checksum covers.
+                            let source = batch.guestBase.map { $0 + run.page * pageSize } ?? UnsafeRawPointer(bytes.baseAddress! + offset)
+                            writer.append(memory: source, count: length)
                             offset += length
                         }
                     }

@@ -83,6 +83,8 @@ final class OutgoingRAMSection: PostcopyLiveSection {
         guard xbzrle == nil, settings.mayAdd.contains(.xbzrle), let cache = XBZRLECache(bytes: cacheSize) else { return false }
         let encoder = XBZRLEPageEncoder(cache: cache)
         xbzrle = encoder
+        // Its cache must hold what the destination got: the channels' pages are copied when offered.
+        (last as? MultifdPageEncoder)?.copiesPages = true
         rebuildChain()
         return true
     }
@@ -98,7 +100,7 @@ final class OutgoingRAMSection: PostcopyLiveSection {
     /// The `multifd` capability: raw pages go to the channels instead of the main stream
     /// (before the first pass).
     func useMultifd(_ sender: MultifdSender) {
-        last = MultifdPageEncoder(sender: sender)
+        last = MultifdPageEncoder(sender: sender, guestBase: UnsafeRawPointer(memory.hostBase), copiesPages: xbzrle != nil)
         rebuildChain()
     }
 
