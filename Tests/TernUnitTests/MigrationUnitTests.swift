@@ -34,7 +34,13 @@ struct MigrationUnitTests {
         #expect(MigrationParameters.names.filter { $0 != "xbzrle-cache-size" }.map { defaults.value(of: $0) } == [
             .integer(1), .integer(8), .integer(2), .integer(20), .integer(10), .integer(20), .integer(10), .integer(99),
             .integer(32 << 20), .integer(300), .string("none"), .boolean(true), .integer(0), .integer(0), .integer(0), .integer(0),
+            .integer(2),
         ])
+        #expect(MigrationParameters.validate("multifd-channels", .integer(256))
+                == "Parameter 'multifd-channels' expects is invalid, it should be in the range of 1 to 255")
+        var channels = MigrationParameters()
+        channels.set("multifd-channels", .integer(4))
+        #expect(channels.multifdChannels == 4 && channels.value(of: "multifd-channels") == .integer(4))
         #expect(MigrationParameters.validate("max-cpu-throttle", .integer(0))
                 == "Parameter 'max_cpu_throttle' expects an integer in the range of 1 to 99")
         #expect(MigrationParameters.validate("multifd-compression", .string("lz4"))
