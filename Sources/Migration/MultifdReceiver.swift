@@ -160,15 +160,9 @@ final class MultifdReceiver: @unchecked Sendable {
         var placed: UInt64?
         records.placementPrefix = IncomingRAMSection.directPrefix
         records.placement = { [memory, ramSection] section, prefix, length in
-            let header = ByteCursor(prefix)
-            guard section == ramSection,
-                  (try? header.read(UInt8.self, "page encoding")) == PageEncoding.raw.rawValue,
-                  let offset = try? header.read(UInt64.self, "page run offset"),
-                  let count = (try? header.read(UInt32.self, "page run count")).map(UInt64.init),
-                  let pointer = try? guestPages(memory, offset: offset, count: count, "page"),
-                  UInt64(length) == UInt64(IncomingRAMSection.directPrefix) + count * MigrationStreamFormat.pageSize else { return nil }
-            placed = count
-            return pointer
+            guard section == ramSection, let run = IncomingRAMSection.rawRun(prefix, bodyLength: length, in: memory) else { return nil }
+            placed = run.count
+            return run.pointer
         }
         do throws(MigrationStreamError) {
             while true {

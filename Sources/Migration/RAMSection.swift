@@ -338,16 +338,25 @@ final class IncomingRAMSection: IncomingLiveSection {
     /// of pages already present (so the read faults in nothing fresh, which `place` does
     /// better), before postcopy (whose pages go in through userfaultfd). Nil: the usual path.
     func directTarget(prefix: UnsafeRawBufferPointer, bodyLength: Int) -> UnsafeMutableRawPointer? {
+        guard postcopy == nil, decoders[.raw] != nil, let run = Self.rawRun(prefix, bodyLength: bodyLength, in: memory),
+              memory.isPlaced(offset: run.offset, length: run.count * MigrationStreamFormat.pageSize) else { return nil }
+        placedDirectly = run.count
+        return run.pointer
+    }
+
+    /// A raw run's prefix checked as the raw decoder checks it (page-aligned, inside guest RAM,
+    /// the body exactly the pages): where its pages go and how many, or nil. Also the multifd
+    /// channels' check.
+    static func rawRun(_ prefix: UnsafeRawBufferPointer, bodyLength: Int, in memory: GuestMemory)
+        -> (pointer: UnsafeMutableRawPointer, offset: UInt64, count: UInt64)? {
         let header = ByteCursor(prefix)
-        guard postcopy == nil, decoders[.raw] != nil, prefix.count == Self.directPrefix,
+        guard prefix.count == directPrefix,
               (try? header.read(UInt8.self, "page encoding")) == PageEncoding.raw.rawValue,
               let offset = try? header.read(UInt64.self, "page run offset"),
               let count = (try? header.read(UInt32.self, "page run count")).map(UInt64.init),
-              let pointer = try? guestPages(memory, offset: offset, count: count, "page"), // the decoder's checks
-              UInt64(bodyLength) == UInt64(Self.directPrefix) + count * MigrationStreamFormat.pageSize,
-              memory.isPlaced(offset: offset, length: count * MigrationStreamFormat.pageSize) else { return nil }
-        placedDirectly = count
-        return pointer
+              let pointer = try? guestPages(memory, offset: offset, count: count, "page"),
+              UInt64(bodyLength) == UInt64(directPrefix) + count * MigrationStreamFormat.pageSize else { return nil }
+        return (pointer, offset, count)
     }
 
     func load(_ body: ByteCursor) throws(MigrationStreamError) {
