@@ -15,7 +15,8 @@ final class MultifdPageEncoder: PageEncoder {
     /// batch is open (each iteration ends with a flush).
     var copiesPages: Bool {
         didSet {
-            if batch.runs.isEmpty { batch = fresh() } else { send(); batch = fresh() }
+            send()
+            batch = fresh()
         }
     }
 

@@ -39,10 +39,11 @@ final class MultifdSender: @unchecked Sendable {
     }
 
     private final class Channel: @unchecked Sendable {
+        // Sendable: `queue` is only touched under `ready`; the writer by the channel's thread.
         let index: Int
         let connection: MigrationConnection
         let writer: MigrationStreamWriter
-        let queue = Mutex<[Item]>([])
+        var queue: [Item] = []
         let ready = NSCondition()
         init(index: Int, connection: MigrationConnection, checksums: Bool) {
             self.index = index
@@ -136,7 +137,7 @@ final class MultifdSender: @unchecked Sendable {
         for channel in channels {
             channel.connection.shutdownIO()
             channel.ready.lock()
-            channel.queue.withLock { $0 = [.finish] }
+            channel.queue = [.finish]
             channel.ready.broadcast()
             channel.ready.unlock()
         }
@@ -148,10 +149,10 @@ final class MultifdSender: @unchecked Sendable {
 
     private func enqueue(_ item: Item, on channel: Channel, bounded: Bool) {
         channel.ready.lock()
-        while bounded && channel.queue.withLock({ $0.count }) >= Self.queueDepth && error == nil {
+        while bounded && channel.queue.count >= Self.queueDepth && error == nil {
             channel.ready.wait()
         }
-        channel.queue.withLock { $0.append(item) }
+        channel.queue.append(item)
         channel.ready.broadcast()
         channel.ready.unlock()
     }
@@ -159,13 +160,9 @@ final class MultifdSender: @unchecked Sendable {
     private func take(_ channel: Channel) -> Item {
         channel.ready.lock()
         defer { channel.ready.unlock() }
-        while true {
-            if let item = channel.queue.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) {
-                channel.ready.broadcast()
-                return item
-            }
-            channel.ready.wait()
-        }
+        while channel.queue.isEmpty { channel.ready.wait() }
+        channel.ready.broadcast() // room for a producer waiting on a full queue
+        return channel.queue.removeFirst()
     }
 
     private func run(_ channel: Channel) {
@@ -206,10 +203,9 @@ final class MultifdSender: @unchecked Sendable {
                 writer.flush()
                 break loop
             }
-            if let problem = writer.error {
-                fail("multifd channel \(channel.index): \(problem.message)")
-            }
+            if let problem = writer.error { fail("multifd channel \(channel.index): \(problem.message)") }
         }
+        // The last flush, after END.
         if let problem = writer.error { fail("multifd channel \(channel.index): \(problem.message)") }
     }
 
