@@ -16,13 +16,21 @@ public enum BuiltinGuestLoader {
     static let controlBlock: GuestAddress = 0x1C0000
     static let controlBlockSize = 0x1000
 
-    /// The file's bytes when it is a built-in guest image (the TERNGST1 magic at 0x20 and no
-    /// larger than an image can be); nil for anything else, such as a Linux kernel.
-    public static func imageFile(at path: String) -> [UInt8]? {
-        guard let handle = FileHandle(forReadingAtPath: path) else { return nil }
+    /// Whether the file starts as a built-in guest image does (the TERNGST1 magic at 0x20):
+    /// the header only, for callers that only need to know.
+    public static func isImageFile(at path: String) -> Bool {
+        guard let handle = FileHandle(forReadingAtPath: path) else { return false }
         defer { try? handle.close() }
-        guard let head = try? handle.read(upToCount: 0x28), head.count == 0x28, Array(head[0x20..<0x28]) == magic,
-              let size = try? handle.seekToEnd(), size <= UInt64(maximumImageSize) else { return nil }
+        guard let head = try? handle.read(upToCount: 0x28), head.count == 0x28 else { return false }
+        return Array(head[0x20..<0x28]) == magic
+    }
+
+    /// The file's bytes when it is a built-in guest image (the magic, and no larger than an
+    /// image can be); nil for anything else, such as a Linux kernel.
+    public static func imageFile(at path: String) -> [UInt8]? {
+        guard isImageFile(at: path), let handle = FileHandle(forReadingAtPath: path) else { return nil }
+        defer { try? handle.close() }
+        guard let size = try? handle.seekToEnd(), size <= UInt64(maximumImageSize) else { return nil }
         try? handle.seek(toOffset: 0)
         guard let data = try? handle.readToEnd() else { return nil }
         return Array(data)

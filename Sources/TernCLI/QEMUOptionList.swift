@@ -4,14 +4,10 @@ import QMP
 /// and friends take it: an implied first key (`-chardev pty,id=x` names the backend), `,,` for
 /// a literal comma; or, where QEMU accepts one (libvirt writes `-device` and `-object` so when the
 /// schema allows it), a JSON object.
-struct QEMUOptionList: Equatable {
+struct QEMUOptionList {
     /// The implied key's value (the backend, driver or type), when the text starts with one.
     var implied: String?
     var pairs: [(key: String, value: String)]
-
-    static func == (lhs: Self, rhs: Self) -> Bool {
-        lhs.implied == rhs.implied && lhs.pairs.map(\.key) == rhs.pairs.map(\.key) && lhs.pairs.map(\.value) == rhs.pairs.map(\.value)
-    }
 
     /// The last value given for `key`.
     subscript(key: String) -> String? { pairs.last { $0.key == key }?.value }

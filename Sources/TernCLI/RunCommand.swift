@@ -25,7 +25,7 @@ public enum RunCommand {
             options.configuration.kvmDevicePath = device
         }
         if let advisory = KVMHostFlavor.detect().advisory, case let .linux(kernel, _, _) = options.configuration.boot, !options.daemonize,
-           BuiltinGuestLoader.imageFile(at: kernel) == nil {
+           !BuiltinGuestLoader.isImageFile(at: kernel) {
             printError("note: \(advisory)")
         }
         // -daemonize forks now, before any thread exists; the parent exits once the monitor
