@@ -23,8 +23,7 @@ public final class QMPServer: @unchecked Sendable {
     /// its monitor also has later commands clients rely on (`query-cpus-fast` came in 2.12),
     /// and libvirt 9.0 refuses anything older than 4.2.0. QEMU 4.2 (2019) still has every
     /// 2015 command tern implements (`migrate_set_speed`, `migrate_set_downtime`,
-    /// `migrate-set-cache-size`, the `x-` postcopy names were gone but aliases are harmless), so
-    /// 4.2.0 is the oldest version that is true to both (docs/qmp.md, docs/libvirt.md).
+    /// `migrate-set-cache-size`), so 4.2.0 is the oldest version true to both (docs/qmp.md).
     public static let qemuVersion = (major: 4, minor: 2, micro: 0)
     /// tern's own version, in `query-version`'s `package`.
     public static let ternVersion = "0.1.0"
@@ -91,7 +90,7 @@ public final class QMPServer: @unchecked Sendable {
         }
         table.register(QMPCommand("query-chardev") { _ throws(QMPError) in
             // No serial chardev when there is no serial port to connect (-nodefaults, -serial none).
-            let serial: [JSONValue] = machine.serialFilename == "null" ? [] : [
+            let serial: [JSONValue] = machine.configuration.serial == .none ? [] : [
                 ["label": .string(machine.configuration.serialLabel), "filename": .string(machine.serialFilename), "frontend-open": true]]
             return .array(serial + monitors)
         })
@@ -228,8 +227,8 @@ public final class QMPServer: @unchecked Sendable {
     private func machineEvent(_ event: MachineEvent) {
         switch event {
         case let .runStateChanged(state):
-            // As QEMU: STOP whenever the vCPUs stop running (a pause, a migration's switchover,
-            // a shutdown), RESUME whenever they start; libvirt tracks the domain's state by these.
+            // As QEMU: STOP whenever the vCPUs stop running (a pause, a migration's switchover),
+            // RESUME whenever they start; libvirt tracks the domain's state by these.
             let change = running.withLock { running -> Bool? in
                 // An ending is announced by SHUTDOWN (below), not STOP.
                 guard running != state.isRunning, state != .shutdown, state != .internalError else { return nil }
