@@ -17,7 +17,9 @@ let package = Package(
         // liblzma, to unpack a bzImage's xz payload on the host (see ElfKernel.swift).
         .systemLibrary(name: "CLZMA", pkgConfig: "liblzma", providers: [.apt(["liblzma-dev"])]),
         // Layer 2: the machine: guest memory, boot, vCPU threads, devices, run state.
-        .target(name: "Machine", dependencies: ["KVM", "CKVM", "CLZMA", "CGuestMemory", "CProcess"]),
+        // Disk image files: open flags, QEMU-compatible byte locks, holes.
+        .target(name: "CDisk"),
+        .target(name: "Machine", dependencies: ["KVM", "CKVM", "CLZMA", "CGuestMemory", "CProcess", "CDisk"]),
         // Sockets: listen/connect/accept and SCM_RIGHTS descriptor passing, for QMP and migration.
         .target(name: "CSocket"),
         // Process set-up QEMU's command line asks for: -daemonize, -pidfile, inherited sockets, ptys.

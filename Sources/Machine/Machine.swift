@@ -24,6 +24,9 @@ public final class Machine: @unchecked Sendable {
     let bus: PortIOBus
     let serial: Serial16550
     let keyboardController: I8042Controller
+    /// The `-drive` images, in order, and the virtio-mmio devices that show them to the guest.
+    public let disks: [DiskImage]
+    let virtioDevices: [VirtioMMIODevice]
     let console: SerialConsole
     private let threadList = Mutex<[VCPUThread]>([])
     /// The vCPU threads (empty until `start`).
@@ -108,7 +111,34 @@ public final class Machine: @unchecked Sendable {
             throw .kvm(error)
         }
 
-        self.bootPlan = try loadBootImage(configuration: configuration, into: memory)
+        // A migration's destination takes its images' locks only when its guest is to run.
+        var disks: [DiskImage] = []
+        do {
+            for drive in configuration.drives {
+                disks.append(try DiskImage(drive, active: !configuration.waitsForIncomingMigration))
+            }
+        } catch {
+            throw .disk(error)
+        }
+        self.disks = disks
+        let vmForDisks = virtualMachine
+        let guestMemory = memory
+        self.virtioDevices = disks.enumerated().map { index, image in
+            let line = VirtioSlots.interruptLines[index]
+            return VirtioMMIODevice(
+                base: VirtioSlots.base + UInt64(index) * VirtioMMIODevice.windowSize, interruptLine: line,
+                backend: VirtioBlock(image: image) { message in Machine.logDeviceProblem("virtio-blk \(index): \(message)") },
+                memory: guestMemory,
+                raiseInterrupt: {
+                    // An edge: Linux programs these ISA lines edge-triggered from the MP table.
+                    _ = try? vmForDisks.setInterruptLine(line, high: true)
+                    _ = try? vmForDisks.setInterruptLine(line, high: false)
+                },
+                onBrokenQueue: { message in Machine.logDeviceProblem("virtio-blk \(index) needs a reset: \(message)") })
+        }
+
+        self.bootPlan = try loadBootImage(configuration: configuration, into: memory,
+                                          deviceArguments: virtioDevices.map(\.kernelArgument))
 
         let console = try SerialConsole(backend: configuration.serial)
         self.console = console
@@ -255,6 +285,9 @@ public final class Machine: @unchecked Sendable {
     @discardableResult
     public func resume(fromIncomingMigration: Bool = false) -> Bool {
         lifecycleQueue.run {
+            // The guest never runs on an image another process may write (after a migration
+            // handed it over, the destination holds it).
+            guard (try? activateDisks()) != nil else { return false }
             let changed = lifecycle.withLock { state -> Bool in
                 guard state.ending == nil else { return false }
                 guard state.runState.canResume || (fromIncomingMigration && state.runState == .inmigrate) else { return false }
@@ -331,7 +364,8 @@ public final class Machine: @unchecked Sendable {
         }
         threads.forEach { $0.pause() }
         defer { if runState == .running { threads.forEach { $0.resume() } } }
-        let plan = try loadBootImage(configuration: configuration, into: memory)
+        let plan = try loadBootImage(configuration: configuration, into: memory,
+                                     deviceArguments: virtioDevices.map(\.kernelArgument))
         let count = configuration.cpuCount
         for (index, thread) in threads.enumerated() {
             let failure = thread.perform { vcpu -> KVMError? in
@@ -366,17 +400,24 @@ public final class Machine: @unchecked Sendable {
 }
 
 /// Writes the long-mode tables and the guest image (built-in or Linux) into memory.
-func loadBootImage(configuration: MachineConfiguration, into memory: GuestMemory) throws(MachineError) -> BootPlan {
+/// Loads what the configuration boots. `deviceArguments` (the virtio-mmio devices' tokens) are
+/// appended to the kernel command line, as Firecracker does: no firmware tables describe them.
+func loadBootImage(configuration: MachineConfiguration, into memory: GuestMemory,
+                   deviceArguments: [String]) throws(MachineError) -> BootPlan {
     do { try LongModeSetup.writeTables(into: memory) } catch { throw .memory(error) }
+    func withDevices(_ arguments: String?) -> String? {
+        guard !deviceArguments.isEmpty else { return arguments }
+        return ([arguments ?? ""].filter { !$0.isEmpty } + deviceArguments).joined(separator: " ")
+    }
     switch configuration.boot {
     case let .builtinGuest(arguments):
-        return try BuiltinGuestLoader.load(arguments: arguments, into: memory)
+        return try BuiltinGuestLoader.load(arguments: withDevices(arguments) ?? "", into: memory)
     case let .linux(kernelPath, initrdPath, arguments):
         // The built-in guest's image file (`tern guest-image`) boots as QEMU boots it from -kernel.
         if initrdPath == nil, let image = BuiltinGuestLoader.imageFile(at: kernelPath) {
-            return try BuiltinGuestLoader.load(image: image, arguments: arguments ?? "", into: memory)
+            return try BuiltinGuestLoader.load(image: image, arguments: withDevices(arguments) ?? "", into: memory)
         }
-        return try LinuxLoader.load(kernelPath: kernelPath, initrdPath: initrdPath, arguments: arguments,
+        return try LinuxLoader.load(kernelPath: kernelPath, initrdPath: initrdPath, arguments: withDevices(arguments),
                                     cpuCount: configuration.cpuCount, into: memory)
     }
 }

@@ -41,11 +41,15 @@ public struct MachineConfiguration: Equatable, Sendable {
     public var hasNoGuest = false
     /// `-uuid`: the VM's UUID as given, for `query-uuid`.
     public var uuid: String?
+    /// `-drive ...,if=virtio`: raw images the guest sees as virtio-blk disks, in order.
+    public var drives: [DriveConfiguration] = []
     /// The serial port's chardev id, for `query-chardev` (`serial0` unless `-chardev` names it).
     public var serialLabel = "serial0"
 
     /// The most vCPUs tern starts (the MP table numbers APIC ids in one byte).
     public static let maximumCPUCount = 64
+    /// The most `-drive`s: one virtio-mmio slot and interrupt line each.
+    public static var maximumDriveCount: Int { VirtioSlots.maximumCount }
     /// Guest RAM must hold the boot structures, the built-in guest and its tables.
     public static let minimumMemorySize: UInt64 = 32 << 20
 

@@ -14,6 +14,8 @@ public enum MachineError: Error, CustomStringConvertible {
     case serial(path: String, reason: String)
     case invalidConfiguration(String)
     case invariantTSCUnavailable
+    /// A `-drive` image could not be opened or locked.
+    case disk(DiskImageError)
     /// A request the machine's present state does not allow (a reset during a switchover).
     case refused(String)
 
@@ -43,6 +45,8 @@ public enum MachineError: Error, CustomStringConvertible {
             return message
         case let .refused(reason):
             return reason
+        case let .disk(error):
+            return error.description
         case .invariantTSCUnavailable:
             return "-cpu host,+invtsc: this host's KVM does not offer the invariant TSC"
         }

@@ -18,9 +18,21 @@ extension Machine {
                 }
             }
             return .resume
-        case let .mmio(_, isWrite, data):
-            // Nothing is mapped outside RAM but the in-kernel APICs; reads see all ones.
-            if !isWrite { for i in 0..<data.count { data[i] = 0xff } }
+        case let .mmio(address, isWrite, data):
+            guard let device = virtioDevice(at: address) else {
+                // Nothing else is mapped outside RAM but the in-kernel APICs; reads see all ones.
+                if !isWrite { for i in 0..<data.count { data[i] = 0xff } }
+                return .resume
+            }
+            let offset = address - device.base
+            if isWrite {
+                var value: UInt64 = 0
+                for byte in (0..<data.count).reversed() { value = value << 8 | UInt64(data[byte]) }
+                device.write(offset: offset, size: data.count, value: value)
+            } else {
+                let value = device.read(offset: offset, size: data.count)
+                for byte in 0..<data.count { data[byte] = UInt8(truncatingIfNeeded: value >> (8 * byte)) }
+            }
             return .resume
         case .interrupted:
             return .resume

@@ -4,7 +4,7 @@ import KVM
 /// Saving and loading the whole machine's device state, as named sections, for migration.
 ///
 /// Sections, in the order saved: `runstate`, `kvmclock`, `pic/master`, `pic/slave`, `ioapic`,
-/// `pit`, `serial/com1`, `i8042`, then `cpu/0`…`cpu/N-1`. The loader requires exactly this set
+/// `pit`, `serial/com1`, `i8042`, `virtio-blk/0`... (one per disk), then `cpu/0`…`cpu/N-1`. The loader requires exactly this set
 /// (any order), each at a version it knows; see docs/migration-stream.md.
 extension Machine {
     static let machineSectionVersion: UInt32 = 1
@@ -12,7 +12,7 @@ extension Machine {
     /// The names of the sections `saveState` writes and `loadState` requires, in saved order.
     public var stateSectionNames: [String] {
         ["runstate", "kvmclock", "pic/master", "pic/slave", "ioapic", "pit", "serial/com1", "i8042"]
-            + (0..<configuration.cpuCount).map { "cpu/\($0)" }
+            + diskSectionNames + (0..<configuration.cpuCount).map { "cpu/\($0)" }
     }
 
     /// Saves the device state. The vCPUs must be paused (every vCPU is read on its own thread).
@@ -45,6 +45,7 @@ extension Machine {
         }
         sections.append(serial.saveState())
         sections.append(keyboardController.saveState())
+        sections.append(contentsOf: saveDiskState())
         let msrs = migratedMSRIndices
         for (index, thread) in vcpuThreads.enumerated() {
             let result = thread.perform { vcpu -> Result<VCPUState, KVMError> in
@@ -101,6 +102,7 @@ extension Machine {
         var pitReader = try machineSection("pit")
         let pit = try pitReader.readRaw(kvm_pit_state2.self, initial: kvm_pit_state2())
         try pitReader.finish()
+        let diskRegisters = try decodeDiskState(byName)
         var vcpuStates: [VCPUState] = []
         for name in cpuNames { vcpuStates.append(try VCPUState.decode(byName[name]!)) }
 
@@ -113,6 +115,7 @@ extension Machine {
         }
         try serial.loadState(byName["serial/com1"]!)
         try keyboardController.loadState(byName["i8042"]!)
+        applyDiskState(diskRegisters)
         for (thread, state) in zip(vcpuThreads, vcpuStates) {
             let failure = thread.perform { vcpu -> KVMError? in
                 do throws(KVMError) { try state.restore(to: vcpu); return nil } catch { return error }

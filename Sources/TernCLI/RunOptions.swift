@@ -22,7 +22,7 @@ public struct RunOptions: Equatable {
         "m", "smp", "kernel", "initrd", "append", "serial", "name", "display", "machine", "M", "accel", "cpu", "qmp", "incoming",
         // QEMU's spellings that libvirt passes (QEMUCompatibilityOptions.swift).
         "chardev", "mon", "device", "object", "overcommit", "uuid", "rtc", "boot", "audiodev", "msg", "pidfile",
-        "sandbox", "global",
+        "sandbox", "global", "drive",
     ]
     /// Options without a value.
     static let flags: Set<String> = [
@@ -120,6 +120,15 @@ public struct RunOptions: Equatable {
                 chardevs.append(chardev)
             case "mon": monitorTexts.append(value)
             case "device": deviceTexts.append(value)
+            case "drive":
+                guard configuration.drives.count < MachineConfiguration.maximumDriveCount else {
+                    throw CommandLineError("tern run: -drive \(value): tern attaches at most \(MachineConfiguration.maximumDriveCount) disks")
+                }
+                let drive = try DriveOption.parse(value, index: configuration.drives.count)
+                guard !configuration.drives.contains(where: { $0.id == drive.id }) else {
+                    throw CommandLineError("tern run: -drive \(value): a drive with id=\(drive.id) already exists")
+                }
+                configuration.drives.append(drive)
             case "pidfile": pidFile = value
             case "uuid": configuration.uuid = try Self.uuid(value)
             default: try Self.checkIgnorable(name, value) // -object, -overcommit, -rtc, -boot, -audiodev, -msg, ...
