@@ -135,7 +135,9 @@ final class IncomingMigration {
                 let loader = IncomingDeviceStateSection(target: target)
                 devices = loader
                 sections[section.id] = loader
-            case ("ram", _), ("devices", _):
+            case ("block", 1):
+                sections[section.id] = IncomingBlockSection(disks: target.disks)
+            case ("ram", _), ("devices", _), ("block", _):
                 throw MigrationStreamError("live section '\(section.name)' version \(section.version) is not supported (this tern reads version 1)")
             default:
                 throw MigrationStreamError("the stream has live section '\(section.name)', which this tern does not know")

@@ -105,6 +105,8 @@ extension IncomingLiveSection {
 protocol MigrationTarget: AnyObject {
     var memory: GuestMemory { get }
     var cpuCount: Int { get }
+    /// The disk images a block migration writes into.
+    var disks: [DiskImage] { get }
     /// The device-state section names this machine saves and must be given.
     var deviceSectionNames: [String] { get }
     /// Applies device state; returns the run state the source recorded.

@@ -209,9 +209,9 @@ public final class MigrationController: @unchecked Sendable {
 
     // MARK: outgoing
 
-    /// Starts a migration to `uri` in the background. `blk` and `inc` ask for disk copies;
-    /// tern's machines have no disk, so they have nothing to add.
-    public func migrate(uri: String, resume: Bool = false) throws(MigrationError) {
+    /// Starts a migration to `uri` in the background. `blk` copies the disks whole, `inc` only
+    /// what was written since they were opened; without either they are shared storage.
+    public func migrate(uri: String, blk: Bool = false, inc: Bool = false, resume: Bool = false) throws(MigrationError) {
         if resume { return try resumePostcopy(uri: uri) }
         try state.withLock { (state) throws(MigrationError) in
             if state.statistics.status.isInProgress { throw MigrationError("There's a migration process in progress") }
@@ -268,6 +268,7 @@ public final class MigrationController: @unchecked Sendable {
             state.switchoverCommitted = false
             var plan = MigrationPlan(capabilities: state.capabilities, parameters: state.parameters, xbzrleCacheSize: state.xbzrleCacheSize)
             if state.capabilities[.multifd] == true { plan.multifd = (parsed, Int(state.parameters.multifdChannels)) }
+            plan.blockMode = inc ? .incremental : blk ? .full : .shared
             return plan
         }
         let outgoing = OutgoingMigration(machine: machine, controller: self, connection: connection, plan: plan)
@@ -565,7 +566,13 @@ public final class MigrationController: @unchecked Sendable {
     private func startGuest(_ recorded: RunState) {
         let autostart = state.withLock { $0.autostart }
         if recorded == .running && autostart {
-            machine.resume(fromIncomingMigration: true)
+            do {
+                try machine.activateDisks()
+                machine.resume(fromIncomingMigration: true)
+            } catch {
+                log("incoming: the guest stays paused: \(error)")
+                machine.setStoppedState(.paused)
+            }
         } else {
             machine.setStoppedState(.paused)
         }

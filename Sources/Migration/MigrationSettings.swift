@@ -228,11 +228,15 @@ struct MigrationPlan {
     var postcopyAfterPasses: Int
     /// With the `multifd` capability: where the channels connect and how many.
     var multifd: (uri: MigrationURI, channels: Int)?
+    /// `migrate`'s blk/inc: how the disks travel (nothing when the machine has none).
+    var blockMode: BlockMigrationMode = .shared
+    var zeroBlocks: Bool
 
     init(capabilities: [MigrationCapability: Bool], parameters: MigrationParameters, xbzrleCacheSize: UInt64) {
         self.capabilities = MigrationCapability.allCases.filter { capabilities[$0] == true }.map(\.rawValue)
         checksums = parameters.checksums
         postcopy = capabilities[.postcopyRAM] == true
+        zeroBlocks = capabilities[.zeroBlocks] == true
         postcopyAfterPasses = Int(parameters.postcopyAfterPasses)
         self.xbzrleCacheSize = capabilities[.xbzrle] == true ? xbzrleCacheSize : nil
         if capabilities[.compress] == true {

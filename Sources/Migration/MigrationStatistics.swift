@@ -17,6 +17,8 @@ public struct MigrationStatistics: Equatable, Sendable {
     public var normal: UInt64 = 0
     /// Bytes sent on the multifd channels (QEMU's `ram.multifd-bytes`); nil without multifd.
     public var multifdBytes: UInt64?
+    /// Block migration's progress (`blk` or `inc`), as query-migrate's `disk`.
+    public var disk: DiskMigrationStatistics?
     public var dirtyPagesRate: UInt64 = 0
     public var mbps: Double = 0
     public var dirtySyncCount: UInt64 = 0
@@ -113,3 +115,10 @@ public enum WallClock {
 #if canImport(Glibc)
 import Glibc
 #endif
+
+/// query-migrate's `disk`: bytes of disk sent, still to send, and the total to send.
+public struct DiskMigrationStatistics: Equatable, Sendable {
+    public var transferred: UInt64
+    public var remaining: UInt64
+    public var total: UInt64
+}

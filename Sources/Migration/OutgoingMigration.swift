@@ -100,7 +100,10 @@ final class OutgoingMigration: @unchecked Sendable {
         // With XBZRLE on, the forecast prices re-sends at the deltas the probe measures.
         if ramSettings.xbzrleCacheSize != nil { ramSettings.probeSavings = true }
         let ram = try OutgoingRAMSection(machine: machine, settings: ramSettings, log: controller.log)
-        sections = [ram, OutgoingDeviceStateSection(machine: machine)]
+        // The disks' section goes only with disks, so a disk-less stream is what it always was.
+        let block: [OutgoingLiveSection] = machine.disks.isEmpty ? []
+            : [OutgoingBlockSection(machine: machine, mode: plan.blockMode, zeroBlocks: plan.zeroBlocks)]
+        sections = [ram] + block + [OutgoingDeviceStateSection(machine: machine)]
         if let settings = plan.autoConverge {
             let converge = AutoConverge(settings: settings) { [machine, controller] percent in
                 controller.log(percent > 0 ? "auto-converge: vCPUs throttled to \(percent)%" : "auto-converge: throttle off")

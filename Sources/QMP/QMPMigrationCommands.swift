@@ -8,9 +8,12 @@ extension QMPStandardCommands {
             QMPCommand("migrate", arguments: [.required("uri", .string), .optional("blk", .boolean),
                                               .optional("inc", .boolean), .optional("detach", .boolean),
                                               .optional("resume", .boolean)]) { call throws(QMPError) in
-                // blk and inc ask for disk copies; tern's machines have no disk, so nothing is added.
                 let resume = call.arguments["resume"]?.boolValue ?? false
-                do throws(MigrationError) { try migration.migrate(uri: call.arguments.string("uri")!, resume: resume) } catch { throw .generic(error.message) }
+                let blk = call.arguments["blk"]?.boolValue ?? false
+                let inc = call.arguments["inc"]?.boolValue ?? false
+                do throws(MigrationError) {
+                    try migration.migrate(uri: call.arguments.string("uri")!, blk: blk, inc: inc, resume: resume)
+                } catch { throw .generic(error.message) }
                 return .object([:])
             },
             QMPCommand("migrate_cancel") { _ throws(QMPError) in
@@ -168,6 +171,7 @@ extension QMPStandardCommands {
             if stats.status == .active, let forecast = stats.forecast { info["x-forecast"] = forecastInfo(forecast) }
             if stats.status == .postcopyPaused, let error = stats.errorDescription { info["error-desc"] = .string(error) }
             info["ram"] = .object(ram)
+            if let disk = stats.disk { info["disk"] = diskInfo(disk) }
             if let xbzrle { info["xbzrle-cache"] = xbzrle }
             if let compression { info["compression"] = compression }
             if stats.cpuThrottlePercentage > 0 && stats.status != .postcopyActive {
@@ -180,6 +184,7 @@ extension QMPStandardCommands {
             info["downtime"] = .int(Int64(stats.downtime ?? 0))
             info["setup-time"] = .int(Int64(stats.setupTime ?? 0))
             info["ram"] = .object(ram)
+            if let disk = stats.disk { info["disk"] = diskInfo(disk) }
             if let xbzrle { info["xbzrle-cache"] = xbzrle }
             if let compression { info["compression"] = compression }
             if stats.cpuThrottleMaximum > 0 { info["x-cpu-throttle-maximum"] = .int(Int64(stats.cpuThrottleMaximum)) }
@@ -190,6 +195,11 @@ extension QMPStandardCommands {
             break
         }
         return .object(info)
+    }
+
+    static func diskInfo(_ disk: DiskMigrationStatistics) -> JSONValue {
+        ["transferred": .int(Int64(clamping: disk.transferred)), "remaining": .int(Int64(clamping: disk.remaining)),
+         "total": .int(Int64(clamping: disk.total))]
     }
 
     static func forecastInfo(_ forecast: MigrationForecast) -> JSONValue {

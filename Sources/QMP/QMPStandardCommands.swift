@@ -50,6 +50,11 @@ enum QMPStandardCommands {
             // As QEMU: run as soon as the incoming migration has loaded.
             _ = context.migration?.requestAutostart()
         default:
+            if !machine.runState.isRunning {
+                // The images' locks first: after a migration handed them over, the destination
+                // holds them and this guest must not run (QEMU says the same).
+                do throws(DiskImageError) { try machine.activateDisks() } catch { throw .generic(error.description) }
+            }
             if !machine.resume() && machine.runState == .finishMigrate {
                 throw .generic("The guest is stopped for a migration's switchover (finish-migrate): it can run again once the migration completes or fails")
             }

@@ -1,0 +1,200 @@
+"""Disks: a raw image as a virtio-blk device (`-drive file=...,format=raw,if=virtio`), and block
+migration with QEMU's `migrate` flags `blk` (copy the whole image) and `inc` (only what was
+written since the image was opened), the `zero-blocks` capability, and shared storage (neither
+flag: the source flushes and hands the image's lock to the destination).
+
+Real tern processes and images, driven over QMP with qemu.qmp. The built-in guest writes its
+disk at a paced rate with generation numbers and reads it back (guest/README.md: `disk=`,
+`disk-rate=`), so a lost or stale block shows as `CORRUPT block N`; after each migration the
+images are compared by SHA-256 where they must be equal.
+
+Skipped, loudly, without /dev/kvm or the tern binary (TERN_BINARY, default .build/debug/tern).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from migration_support import TERN_BINARY, asynctest, execute, execute_error, session, skip_reason, wait_migration, wait_status
+from test_migration import launch, tcp_uri  # noqa: F401 - launch is a fixture
+
+_SKIP = skip_reason()
+pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
+
+MiB = 1 << 20
+IMAGE_SIZE = 64 * MiB
+#: The guest's disk workload: 16 MiB written at 4 MiB/s, read back and checked.
+DISK_APPEND = "wss=16M rate=4M disk=16M disk-rate=4M"
+
+
+def make_image(path: Path, size: int = IMAGE_SIZE, data: dict[int, bytes] | None = None) -> Path:
+    """A sparse raw image with `data` written at the given offsets."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, chunk in (data or {}).items():
+            f.seek(offset)
+            f.write(chunk)
+    return path
+
+
+def digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(4 * MiB):
+            h.update(block)
+    return h.hexdigest()
+
+
+def drive(path: Path, *extra: str) -> list[str]:
+    return ["-drive", ",".join([f"file={path}", "format=raw", "if=virtio", *extra])]
+
+
+def disk_lines(vm) -> list[str]:
+    return re.findall(r"^tern-guest: (?:CORRUPT block \d+|DISK-ERROR .*|disk not usable.*)$", vm.log_text(), re.MULTILINE)
+
+
+def disk_passes(vm) -> list[tuple[int, int]]:
+    """(pass number, disk sweeps) of each pass line that reports the disk."""
+    return [(int(m.group(1)), int(m.group(2)))
+            for m in re.finditer(r"^tern-guest: pass (\d+) rate \d+MiB/s ok sweeps \d+ disk \d+MiB/s dsweeps (\d+)",
+                                 vm.log_text(), re.MULTILINE)]
+
+
+async def migrate(s, uri: str, *, blk: bool = False, inc: bool = False, capabilities=(), timeout: float = 60) -> dict:
+    if capabilities:
+        await execute(s, "migrate-set-capabilities",
+                      {"capabilities": [{"capability": c, "state": True} for c in capabilities]})
+    arguments = {"uri": uri}
+    if blk:
+        arguments["blk"] = True
+    if inc:
+        arguments["inc"] = True
+    await execute(s, "migrate", arguments)
+    deadline = time.monotonic() + timeout
+    while True:
+        info = await execute(s, "query-migrate")
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            return info
+        assert time.monotonic() < deadline, f"migration did not finish in {timeout} s: {info}"
+        time.sleep(0.05)
+
+
+async def destination(launch, uri: str, image: Path, label: str = "dst", **options):
+    dst = launch(label, incoming="defer", extra=drive(image), **options)
+    async with session(dst) as d:
+        assert await execute(d, "migrate-incoming", {"uri": uri}) == {}
+    return dst
+
+
+# ----- host-written images ----------------------------------------------------------------------
+
+
+@asynctest
+async def test_blk_copies_the_whole_image(launch, tmp_path):
+    """Data written from the host, with holes between: `blk` makes the destination's empty image
+    byte-identical; query-migrate reports `disk`, and the holes are never read (the bytes moved
+    are about the data, not the 64 MiB)."""
+    data = {0: os.urandom(MiB), 20 * MiB: os.urandom(300 * 1024), IMAGE_SIZE - 4096: os.urandom(4096)}
+    source_image = make_image(tmp_path / "src.img", data=data)
+    target_image = make_image(tmp_path / "dst.img", data={5 * MiB: b"\xff" * 65536})  # stale data to be zeroed
+    uri = tcp_uri()
+    src = launch("src", append="wss=16M", extra=drive(source_image))
+    dst = await destination(launch, uri, target_image, paused=True)
+    async with session(src) as s:
+        await src.wait_passes(1)
+        info = await migrate(s, uri, blk=True)
+        assert info["status"] == "completed", info
+        disk = info.get("disk")
+        assert disk is not None, f"query-migrate lacks 'disk' after a blk migration: {info}"
+        assert disk["remaining"] == 0 and disk["transferred"] >= sum(len(d) for d in data.values()), info
+        assert info["ram"]["transferred"] + disk["transferred"] < IMAGE_SIZE + 64 * MiB, info
+        await wait_status(s, src, "postmigrate")
+    assert digest(source_image) == digest(target_image), "the destination's image differs from the source's"
+
+
+@asynctest
+async def test_image_size_mismatch_fails_before_writing(launch, tmp_path):
+    """A destination image of another size: the migration fails saying both sizes, the
+    destination's image is untouched, and the source's guest runs on."""
+    source_image = make_image(tmp_path / "src.img", data={0: os.urandom(MiB)})
+    target_image = make_image(tmp_path / "dst.img", size=IMAGE_SIZE // 2)
+    before = digest(target_image)
+    uri = tcp_uri()
+    src = launch("src", append="wss=16M", extra=drive(source_image))
+    dst = await destination(launch, uri, target_image)
+    dst.expect_exit = True
+    async with session(src) as s:
+        await src.wait_passes(1)
+        info = await migrate(s, uri, blk=True)
+        assert info["status"] == "failed", info
+        await wait_status(s, src, "running")
+    assert digest(target_image) == before
+    assert f"{IMAGE_SIZE} bytes" in dst.stderr_text() and f"{IMAGE_SIZE // 2} bytes" in dst.stderr_text(), dst.diagnostics()
+    passes = len(src.passes())
+    await src.wait_passes(1, after=passes)
+
+
+@asynctest
+async def test_shared_storage_hands_over_the_lock(launch, tmp_path):
+    """Without blk/inc both processes open one image: the destination waits for the lock until
+    the switchover, runs the guest with it, and the source can no longer `cont` (QEMU's
+    "Failed to get "write" lock")."""
+    image = make_image(tmp_path / "shared.img", data={0: os.urandom(MiB)})
+    uri = tcp_uri()
+    src = launch("src", append="wss=16M", extra=drive(image))
+    dst = await destination(launch, uri, image)
+    async with session(src) as s:
+        await src.wait_passes(1)
+        info = await migrate(s, uri)
+        assert info["status"] == "completed", info
+        assert "disk" not in info, f"no disk copy without blk/inc: {info}"
+        await wait_status(s, src, "postmigrate")
+        async with session(dst) as d:
+            await wait_status(d, dst, "running", timeout=10)
+        desc = await execute_error(s, "cont")
+        assert "lock" in desc and str(image) in desc, desc
+
+
+def test_bad_drive_options(tmp_path):
+    """Each bad -drive is refused before anything runs, with a message naming the problem."""
+    image = make_image(tmp_path / "ok.img")
+    odd = tmp_path / "odd.img"
+    odd.write_bytes(b"x" * 1000)
+    cases = [
+        (f"file={tmp_path}/missing.img,format=raw,if=virtio", "missing.img': No such file"),
+        (f"file={tmp_path},format=raw,if=virtio", "is a directory"),
+        (f"file={image},format=qcow2,if=virtio", "raw images only"),
+        (f"file={image},format=raw,if=ide", "if=virtio"),
+        (f"file={image},format=raw,cache=sometimes", "cache=sometimes"),
+        (f"file={image},format=raw,bogus=1", "'bogus'"),
+        (f"file={odd},format=raw", "multiple of 512"),
+        ("format=raw,if=virtio", "needs file=PATH"),
+    ]
+    for value, expected in cases:
+        result = subprocess.run([TERN_BINARY, "run", "-m", "64", "-serial", "none", "-drive", value],
+                                capture_output=True, text=True, timeout=20)
+        assert result.returncode != 0, f"-drive {value} was accepted"
+        assert expected.lower() in result.stderr.lower(), f"-drive {value}: {result.stderr!r}"
+
+
+def test_second_writer_is_refused(tmp_path):
+    """Two tern processes never write one image: the second fails naming the lock and the file."""
+    image = make_image(tmp_path / "locked.img")
+    first = subprocess.Popen([TERN_BINARY, "run", "-m", "64", "-serial", "none", *drive(image)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        assert first.poll() is None, first.stderr.read()
+        second = subprocess.run([TERN_BINARY, "run", "-m", "64", "-serial", "none", *drive(image)],
+                                capture_output=True, text=True, timeout=20)
+        assert second.returncode != 0 and "lock" in second.stderr and str(image) in second.stderr, second.stderr
+    finally:
+        first.kill()
+        first.wait()
