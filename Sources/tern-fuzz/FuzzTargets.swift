@@ -24,6 +24,7 @@ import CPageCodec
 final class FuzzDestination: MigrationTarget {
     let memory: GuestMemory
     let cpuCount = 1
+    let disks: [DiskImage] = []
     let deviceSectionNames = ["runstate", "kvmclock", "pic/master", "pic/slave", "ioapic", "pit", "serial/com1", "i8042", "cpu/0"]
 
     init() {

@@ -9,6 +9,7 @@ import Testing
 final class MemoryOnlyTarget: MigrationTarget {
     let memory: GuestMemory
     let cpuCount = 1
+    let disks: [DiskImage] = []
     let deviceSectionNames = ["clock"]
     private(set) var loadedSections: [StateSection] = []
 
