@@ -41,6 +41,10 @@ final class OutgoingBlockSection: OutgoingLiveSection {
     private var extents: [Range<UInt64>?]
     private var transferred: UInt64 = 0
     private var total: UInt64 = 0
+    /// With TERN_TEST_DROP_DIRTY_BLOCK=1 the first chunk found dirty after the first pass is
+    /// never sent, so a test can prove that the guest's disk check catches a lost block.
+    static let dropsOneDirtyBlock = ProcessInfo.processInfo.environment["TERN_TEST_DROP_DIRTY_BLOCK"] == "1"
+    private var droppedOne = false
 
     init(machine: Machine, mode: BlockMigrationMode, zeroBlocks: Bool) {
         self.machine = machine
@@ -84,7 +88,12 @@ final class OutgoingBlockSection: OutgoingLiveSection {
             }
         } else {
             for (index, disk) in disks.enumerated() {
-                let dirty = disk.writes.takeDirty()
+                var dirty = disk.writes.takeDirty()
+                if Self.dropsOneDirtyBlock && !droppedOne && !dirty.isEmpty {
+                    droppedOne = true
+                    FileHandle.standardError.write(Data("tern: TEST HOOK: dropped dirty disk chunk \(dirty[0]) of disk \(index)\n".utf8))
+                    dirty.removeFirst()
+                }
                 work.append(contentsOf: dirty.map { (index, $0) })
                 total += UInt64(dirty.count) * chunk
             }

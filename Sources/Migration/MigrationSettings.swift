@@ -21,8 +21,8 @@ public enum MigrationCapability: String, Sendable, CaseIterable {
     /// Capabilities tern can turn on; the others are refused when set to true.
     public var isImplemented: Bool {
         switch self {
-        case .events, .xbzrle, .compress, .autoConverge, .xPostcopyRAM, .postcopyRAM, .returnPath, .multifd: true
-        case .rdmaPinAll, .zeroBlocks: false
+        case .events, .xbzrle, .compress, .autoConverge, .xPostcopyRAM, .postcopyRAM, .returnPath, .multifd, .zeroBlocks: true
+        case .rdmaPinAll: false
         }
     }
 
