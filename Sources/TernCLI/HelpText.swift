@@ -83,6 +83,17 @@ public enum HelpText {
                            runs (or stays paused with -S). 'defer' waits for QMP
                            migrate-incoming. 'exec:cat FILE' restores a saved VM.
 
+    Disks:
+      -drive file=PATH,format=raw,if=virtio[,readonly=on][,cache=MODE][,id=ID]
+                           A raw image as a virtio-blk disk (virtio-mmio at 0xd0000000 + 4 KiB
+                           per disk, IRQ 5, 6, 7, 10; at most 4). tern adds the device to the
+                           kernel command line (virtio_mmio.device=...), so Linux finds it as
+                           /dev/vda. cache=writeback (default), writethrough, none, directsync,
+                           unsafe. The image is locked as QEMU locks it: a second writer (tern
+                           or QEMU) is refused. A destination of a migration gets the same
+                           -drive: the same path for shared storage, or its own copy of the
+                           same size for 'migrate' with blk (whole disk) or inc (written blocks).
+
     Console:
       -serial stdio        COM1 on this terminal (the default): the guest's output, and your
                            keys to the guest. Ctrl-A x quits; Ctrl-A Ctrl-A sends Ctrl-A.
