@@ -219,3 +219,130 @@ async def test_zero_blocks_sends_zero_chunks_as_flags(launch, tmp_path):
         assert digest(source_image) == digest(target_image)
         sent[flag] = info["ram"]["transferred"]
     assert sent[False] - sent[True] > 7 * MiB, f"zero-blocks should save the 8 MiB of zeros: {sent}"
+
+
+# ----- the guest writing its disk ---------------------------------------------------------------
+
+
+async def guest_check_passes_on(dst, sweeps: int = 1, timeout: float = 20) -> None:
+    """The destination's guest runs on and completes `sweeps` more verification sweeps over
+    its disk, with no corrupt block, disk error or failed pass line."""
+    await dst.until(lambda: len(disk_passes(dst)) >= 1, "a disk pass line on the destination", timeout)
+    first = disk_passes(dst)[0][1]
+    await dst.until(lambda: disk_passes(dst) and disk_passes(dst)[-1][1] >= first + sweeps,
+                    f"{sweeps} more disk sweep(s) on the destination", timeout)
+    assert not disk_lines(dst), dst.diagnostics()
+    assert " FAIL " not in dst.log_text(), dst.diagnostics()
+
+
+async def resume_destination(dst) -> None:
+    async with session(dst) as d:
+        await wait_status(d, dst, "paused", timeout=10)
+        await execute(d, "cont")
+        await wait_status(d, dst, "running")
+
+
+@pytest.mark.parametrize("rate", ["4M", "32M"])
+@asynctest
+async def test_blk_while_the_guest_writes(launch, tmp_path, rate):
+    """The guest rewrites its 16 MiB of disk at 4 or 32 MiB/s (one 4 KiB request at a time,
+    so requests are in flight around the switchover) over the default 32 MiB/s link: chunks go
+    again in later passes; at completion both images are byte-identical, and the destination's
+    guest reads back every block it wrote."""
+    source_image = make_image(tmp_path / "src.img")
+    target_image = make_image(tmp_path / "dst.img")
+    uri = tcp_uri()
+    src = launch("src", append=f"wss=16M rate=4M disk=16M disk-rate={rate}", extra=drive(source_image))
+    dst = await destination(launch, uri, target_image, paused=True)
+    async with session(src) as s:
+        await src.until(lambda: len(disk_passes(src)) >= 1, "the source guest's first disk pass line", 30)
+        info = await migrate(s, uri, blk=True)
+        assert info["status"] == "completed", info + src.diagnostics()
+        assert info["disk"]["remaining"] == 0, info
+        assert info["ram"]["dirty-sync-count"] >= 2, f"the guest's writes during the first pass should go again: {info}"
+        await wait_status(s, src, "postmigrate")
+    assert digest(source_image) == digest(target_image), "the images differ after a blk migration"
+    assert not disk_lines(src), src.diagnostics()
+    await resume_destination(dst)
+    await guest_check_passes_on(dst)
+
+
+@asynctest
+async def test_inc_sends_only_what_was_written(launch, tmp_path):
+    """Both sides hold the same 64 MiB base (random data); the source's guest fills and rewrites
+    its first 16 MiB. `inc` moves about those 16 MiB, not the base, and the images end equal."""
+    base = os.urandom(IMAGE_SIZE)
+    source_image = make_image(tmp_path / "src.img", data={0: base})
+    target_image = make_image(tmp_path / "dst.img", data={0: base})
+    uri = tcp_uri()
+    src = launch("src", append=DISK_APPEND, extra=drive(source_image))
+    dst = await destination(launch, uri, target_image, paused=True)
+    async with session(src) as s:
+        await src.until(lambda: len(disk_passes(src)) >= 1, "the source guest's first disk pass line", 30)
+        info = await migrate(s, uri, inc=True)
+        assert info["status"] == "completed", info
+        disk = info["disk"]
+        assert 16 * MiB <= disk["transferred"] < 32 * MiB, f"inc should send the written 16 MiB and its re-sends only: {info}"
+    assert digest(source_image) == digest(target_image), "the images differ after an inc migration"
+    await resume_destination(dst)
+    await guest_check_passes_on(dst)
+
+
+@asynctest
+async def test_shared_storage_with_the_guest_writing(launch, tmp_path):
+    """Shared storage while the guest writes: the destination's guest reads back every block
+    the source's guest wrote (the source flushed before the handover)."""
+    image = make_image(tmp_path / "shared.img")
+    uri = tcp_uri()
+    src = launch("src", append=DISK_APPEND, extra=drive(image, "cache=none"))
+    dst = await destination(launch, uri, image)
+    async with session(src) as s:
+        await src.until(lambda: len(disk_passes(src)) >= 1, "the source guest's first disk pass line", 30)
+        info = await migrate(s, uri)
+        assert info["status"] == "completed", info
+    await guest_check_passes_on(dst)
+
+
+@asynctest
+async def test_a_dropped_dirty_block_is_caught(launch, tmp_path):
+    """TERN_TEST_DROP_DIRTY_BLOCK=1 makes the source skip one chunk the guest rewrote during the
+    migration: the images differ and the destination's guest reports CORRUPT block, so the
+    checks above can fail."""
+    source_image = make_image(tmp_path / "src.img")
+    target_image = make_image(tmp_path / "dst.img")
+    uri = tcp_uri()
+    src = launch("src", append=DISK_APPEND, extra=drive(source_image), env={"TERN_TEST_DROP_DIRTY_BLOCK": "1"})
+    dst = await destination(launch, uri, target_image, paused=True)
+    async with session(src) as s:
+        await src.until(lambda: len(disk_passes(src)) >= 1, "the source guest's first disk pass line", 30)
+        info = await migrate(s, uri, blk=True)
+        assert info["status"] == "completed", info
+    assert "TEST HOOK: dropped dirty disk chunk" in src.stderr_text(), src.diagnostics()
+    assert digest(source_image) != digest(target_image)
+    await resume_destination(dst)
+    await dst.until(lambda: any("CORRUPT block" in line for line in disk_lines(dst)),
+                    "a CORRUPT block line from the destination's guest", 20)
+
+
+@asynctest
+async def test_cancel_mid_copy_leaves_the_source_writing(launch, tmp_path):
+    """A blk migration of 48 MiB of data at 8 MiB/s, cancelled after a second: the source's
+    guest writes and verifies its disk on, and dirty tracking is off again (a new migration
+    starts from scratch and completes)."""
+    source_image = make_image(tmp_path / "src.img", data={32 * MiB: os.urandom(32 * MiB)})
+    target_image = make_image(tmp_path / "dst.img")
+    uri = tcp_uri()
+    src = launch("src", append=DISK_APPEND, extra=drive(source_image))
+    dst = await destination(launch, uri, target_image)
+    dst.expect_exit = True
+    async with session(src) as s:
+        await src.until(lambda: len(disk_passes(src)) >= 1, "the source guest's first disk pass line", 30)
+        await execute(s, "migrate-set-parameters", {"max-bandwidth": 8 * MiB})
+        await execute(s, "migrate", {"uri": uri, "blk": True})
+        time.sleep(1.0)
+        info = await execute(s, "query-migrate")
+        assert info["status"] == "active" and 0 < info["disk"]["transferred"] < info["disk"]["total"], info
+        await execute(s, "migrate_cancel")
+        info = await wait_migration(s, src, wanted=("cancelled",), timeout=10)
+        await wait_status(s, src, "running")
+    await guest_check_passes_on(src)

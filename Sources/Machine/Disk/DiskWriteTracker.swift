@@ -63,6 +63,12 @@ public final class DiskWriteTracker: Sendable {
         }
     }
 
+    /// Forgets that `chunk` is dirty: its data is about to be read and sent.
+    public func clearDirty(chunk: Int) {
+        guard chunk >= 0, chunk < chunkCount else { return }
+        state.withLock { $0.dirty[chunk / 64] &= ~(UInt64(1) << UInt64(chunk % 64)) }
+    }
+
     /// How many chunks are dirty now, without taking them.
     public var dirtyCount: Int {
         state.withLock { $0.dirty.reduce(0) { $0 + $1.nonzeroBitCount } }
