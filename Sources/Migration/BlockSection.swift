@@ -112,6 +112,13 @@ final class OutgoingBlockSection: OutgoingLiveSection {
 
     var pending: PendingBytes {
         guard mode != .shared else { return PendingBytes() }
+        if !firstPassBuilt {
+            // Before the first pass: all of it (blk) or what was written since open (inc).
+            let first = disks.reduce(UInt64(0)) {
+                $0 + (mode == .full ? $1.size : UInt64($1.writes.writtenSinceOpen().count) * chunk)
+            }
+            return PendingBytes(beforeSwitchover: first)
+        }
         let dirty = disks.reduce(0) { $0 + UInt64($1.writes.dirtyCount) }
         return PendingBytes(beforeSwitchover: (UInt64(work.count - cursor) + dirty) * chunk)
     }
