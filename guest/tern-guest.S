@@ -4,7 +4,8 @@
  * A small bare-metal x86-64 program that dirties memory at a chosen rate and checks
  * that every byte it wrote is still there, so that tern's live migration (and
  * anything else that moves or snapshots guest memory) can be tested without a
- * Linux guest.  It prints what it does on COM1.  See guest/README.md.
+ * Linux guest.  Optionally it does the same to a virtio-blk disk.  It prints what
+ * it does on COM1.  See guest/README.md.
  *
  * Assembled with GNU as into a flat binary (guest/build.sh); the first byte of
  * the file is loaded at guest-physical 0x100000.
@@ -46,7 +47,13 @@
  *               16th halt at CPL 0 and take no part)
  *   0x001C0000  control block (see CB_* below)
  *   0x001D0000  page tables, multiboot path only (PML4, PDPT, 4 page directories)
- *   0x00200000  generation table: u32 per working-set page (up to 0x1000000)
+ *   0x00200000  generation table: u32 per working-set page; at most
+ *               (3 GiB - 16 MiB) / 4 KiB = 782336 pages, so it ends by 0x4FC000
+ *   0x00700000  the disk: virtqueue, request header and status byte (0x700000-
+ *               0x701000), data buffer of up to 64 KiB (0x710000), one block as it
+ *               should be (0x720000)
+ *   0x00800000  block generation table: u32 per disk block (up to 0x1000000, so
+ *               2M blocks, 8 GiB of disk working set)
  *   0x01000000  the working set, wss bytes, ending below both the end of RAM
  *               and 3 GiB (wss is clamped, with a message, when it does not fit)
  *   RAM at the fixed addresses must start out zero (fresh RAM is; tern's loader
@@ -66,6 +73,13 @@
  *                   1..64 (default 64, the whole page); the others keep what
  *                   the first fill wrote.  A rewritten page still counts as
  *                   4096 bytes towards rate=
+ *   disk=SIZE       disk working set, from sector 0 (default 0: no disk workload,
+ *                   no device touched); clamped to the capacity and 8 GiB
+ *   disk-rate=SIZE  disk bytes rewritten per second (default 0: the first fill only)
+ *   disk-io=SIZE    bytes per request, 4K..64K in whole 4K (default 4K)
+ *   virtio_mmio.device=SIZE@0xBASE:IRQ[:ID]
+ *                   Linux's token for a virtio-mmio device (tern appends it); the
+ *                   disk is the first whose registers say virtio-blk, version 2
  *   reboot=N        after N pass lines, print "tern-guest: reboot" and pulse
  *                   the reset line through the keyboard controller (port
  *                   0x64, command 0xFE), as Linux's reboot=k does; tern then
@@ -89,6 +103,9 @@
  *                  splitmix64_mix(header + i * 0x9E3779B97F4A7C15) | 1; every
  *                  other word is the filler 0x0101010101010101 * ((p mod 128) + 1)
  *   Four independent lanes let the CPU overlap the serial xorshift chains.
+ *   A disk block b (4 KiB, sectors 8b..8b+7) with generation g holds
+ *   pattern=random's page for the header g << 32 | b, whatever pattern= says,
+ *   with word 1 replaced by "TERNDISK" (0x4B5349444E524554).
  *   The page is 64 lines of 8 words (line 0 holds the header).  With lines=N
  *   below 64, lines 0..N-1 hold generation g's contents and lines N..63
  *   generation 1's (as written by the first fill), whatever g is.
@@ -108,12 +125,24 @@
  *     - CPU 0, once a second, prints the pass line.
  *   A page that does not match is reported, counted, and written again with
  *   the contents it should have had, so each corruption is reported once.
+ *   With disk=, CPU 0 also fills the disk (generation 1) before the barrier,
+ *   and in its loop rewrites disk-io runs of blocks round-robin at disk-rate
+ *   (generation + 1, not read first) and reads runs back round-robin at
+ *   max(disk-rate, 16 MiB/s), checking every word; a bad block is reported,
+ *   counted and written again, like a page.
  *
  * LINES PRINTED ON COM1 (each ends with "\n" alone)
  *   tern-guest: start cpus C wss W MiB rate R MiB/s pattern P lines L tsc T MHz
- *   tern-guest: pass N rate RMiB/s ok sweeps S gap G us
- *   tern-guest: pass N rate RMiB/s FAIL sweeps S corrupt K [clock-backwards B] gap G us
+ *   tern-guest: pass N rate RMiB/s ok sweeps S [disk DMiB/s dsweeps Q] gap G us
+ *   tern-guest: pass N rate RMiB/s FAIL sweeps S [disk DMiB/s dsweeps Q] corrupt K [clock-backwards B] gap G us
  *   tern-guest: CORRUPT page N
+ *   tern-guest: CORRUPT block N
+ *   tern-guest: DISK-ERROR status S sector X
+ *   tern-guest: DISK-ERROR device-status S sector X
+ *   tern-guest: disk virtio-blk at 0xBASE capacity C MiB wss W MiB rate R MiB/s io I KiB
+ *   tern-guest: disk filled W MiB
+ *   tern-guest: disk clamped to W MiB (capacity C MiB, at most 8192 MiB)
+ *   tern-guest: disk not usable: REASON
  *   tern-guest: wss clamped to W MiB (working set must end below L MiB)
  *   tern-guest: PIT calibration timed out, assuming tsc T MHz
  *   P is "random", "zero" or "compressible ratio R"; L is lines=.
@@ -126,7 +155,10 @@
  *   takes well under a millisecond; a stop of the VM shows as a gap as long as
  *   the stop, a migration whose TSC is carried over frozen shows none).  B counts
  *   the times a CPU read a TSC lower than its previous reading: any makes the
- *   line FAIL.
+ *   line FAIL.  The disk part is there only with a disk workload: D is MiB/s
+ *   of blocks rewritten in the last second, Q complete verification sweeps of
+ *   the disk.  K then counts pages, blocks and disk errors together, and they
+ *   share the 64 lines.
  */
 
 /* ---------------------------------------------------------------------------
@@ -186,6 +218,18 @@
         .equ CB_RATIO,          0x60            /* pattern=compressible: ratio=R, 1..16 */
         .equ CB_NRAND,          0x68            /* pattern=compressible: random words per page */
         .equ CB_CLOCKBACK,      0x70            /* times a CPU's TSC went backwards */
+        .equ CB_DISK,           0x78            /* disk=: requested disk working set, bytes */
+        .equ CB_DISK_RATE,      0x80            /* disk-rate=: bytes rewritten per second */
+        .equ CB_DISK_IO,        0x88            /* disk-io=: request size, bytes */
+        .equ CB_DISK_REGS,      0x90            /* the virtio-blk device's registers */
+        .equ CB_DISK_BLOCKS,    0x98            /* disk working-set blocks; 0 = no disk workload */
+        .equ CB_DISK_CAP,       0xA0            /* device capacity, 512-byte sectors */
+        .equ CB_DISK_AVAIL,     0xA8            /* requests made available so far (avail->idx) */
+        .equ CB_DISK_QSIZE,     0xB0            /* queue size in use */
+        .equ CB_DISK_DEAD,      0xB8            /* the device asked for a reset: no more requests */
+        .equ CB_NMMIO,          0xC0            /* virtio_mmio.device= tokens kept */
+        .equ CB_MMIO,           0x600           /* their register addresses, MAX_MMIO u64s */
+        .equ MAX_MMIO,          16
         .equ CB_PERCPU,         0x100           /* one cache line per CPU: */
         .equ PC_WRITTEN,        0x00            /*   pages rewritten (paced) */
         .equ PC_SWEEPS,         0x08            /*   complete verification sweeps */
@@ -195,6 +239,59 @@
         /* PIT channel 2 at 1193182 Hz; 59659 ticks = 50 ms. */
         .equ PIT_HZ,            1193182
         .equ PIT_COUNT,         59659
+
+        /* The disk (virtio-blk over virtio-mmio, CPU 0 only).  The queue and buffers
+         * lie in 0x700000-0x800000, the block generation table above them. */
+        .equ VQ_DESC,           0x700000        /* descriptor table, 16 bytes each */
+        .equ VQ_AVAIL,          0x700400        /* available ring: flags, idx, ring[], used_event */
+        .equ VQ_USED,           0x700800        /* used ring: flags, idx, ring[] {id, len}, avail_event */
+        .equ REQ_HDR,           0x700C00        /* request header: u32 type, u32 0, u64 sector */
+        .equ REQ_STATUS,        0x700C10        /* status byte, written by the device */
+        .equ DISK_BUF,          0x710000        /* data of one request, up to 64 KiB */
+        .equ DISK_EXPECT,       0x720000        /* one block as it should be: checks and repairs */
+        .equ BLOCK_TABLE,       0x800000        /* u32 generation per disk block, to WS_BASE */
+        .equ MAX_DISK_BLOCKS,   (WS_BASE - BLOCK_TABLE) / 4     /* 2M blocks, 8 GiB */
+        .equ DISK_TAG,          0x4B5349444E524554              /* "TERNDISK", word 1 of a block */
+        .equ MAX_QUEUE,         16              /* queue size used, if the device allows it */
+        .equ MIN_QUEUE,         4               /* a request is a chain of 3 descriptors */
+        .equ DISK_VERIFY_MIN,   16 << 20        /* disk sweep rate when disk-rate= is lower */
+        .equ DISK_CHUNK,        4               /* most requests of each kind per round */
+        .equ DISK_IO_MAX,       64 << 10
+        .equ DEFAULT_DISK_IO,   4 << 10
+
+        /* virtio-mmio registers (virtio 1.x, 4.2.2), all accessed as u32 */
+        .equ VIRTIO_MAGIC,      0x74726976      /* "virt" */
+        .equ VM_MAGIC,          0x000
+        .equ VM_VERSION,        0x004
+        .equ VM_DEVICE_ID,      0x008
+        .equ VM_DEV_FEATURES,   0x010
+        .equ VM_DEV_FEATURES_SEL, 0x014
+        .equ VM_DRV_FEATURES,   0x020
+        .equ VM_DRV_FEATURES_SEL, 0x024
+        .equ VM_QUEUE_SEL,      0x030
+        .equ VM_QUEUE_NUM_MAX,  0x034
+        .equ VM_QUEUE_NUM,      0x038
+        .equ VM_QUEUE_READY,    0x044
+        .equ VM_QUEUE_NOTIFY,   0x050
+        .equ VM_INT_STATUS,     0x060
+        .equ VM_INT_ACK,        0x064
+        .equ VM_STATUS,         0x070
+        .equ VM_QUEUE_DESC,     0x080           /* low, high at +4 */
+        .equ VM_QUEUE_DRIVER,   0x090
+        .equ VM_QUEUE_DEVICE,   0x0a0
+        .equ VM_CONFIG_GEN,     0x0fc
+        .equ VM_CONFIG,         0x100           /* virtio-blk: u64 capacity in sectors */
+        .equ VIRTIO_ID_BLOCK,   2
+        .equ ST_ACKNOWLEDGE,    1
+        .equ ST_DRIVER,         2
+        .equ ST_DRIVER_OK,      4
+        .equ ST_FEATURES_OK,    8
+        .equ ST_NEEDS_RESET,    0x40
+        .equ ST_FAILED,         0x80
+        .equ VIRTIO_BLK_T_IN,   0
+        .equ VIRTIO_BLK_T_OUT,  1
+        .equ VRING_DESC_F_NEXT, 1
+        .equ VRING_DESC_F_WRITE, 2
 
         .equ VERIFY_RATE,       256 << 20       /* bytes per second per CPU */
         .equ CHUNK,             32              /* most pages per step before looking at the clock */
@@ -219,7 +316,19 @@
         .equ F_LASTW,           0x70            /* CPU 0: pages written at the previous line */
         .equ F_PASS,            0x78            /* CPU 0: pass lines printed */
         .equ F_PREVT,           0x80            /* TSC at the previous round of the main loop */
-        .equ FRAME_SIZE,        0x90
+        /* CPU 0, the disk (in 4 KiB blocks; paced like the pages): */
+        .equ F_DCAPW,           0x88            /*   largest rewrite backlog kept */
+        .equ F_DCREDW,          0x90            /*   blocks rewritten (or forgiven) so far */
+        .equ F_DCURW,           0x98            /*   next block to rewrite */
+        .equ F_DVRATE,          0xA0            /*   sweep rate, bytes per second */
+        .equ F_DCAPV,           0xA8
+        .equ F_DCREDV,          0xB0
+        .equ F_DCURV,           0xB8            /*   next block to verify */
+        .equ F_DWRITTEN,        0xC0            /*   blocks rewritten (paced) */
+        .equ F_DLASTW,          0xC8            /*   ... at the previous pass line */
+        .equ F_DSWEEPS,         0xD0            /*   complete verification sweeps */
+        .equ F_DRATE,           0xD8            /*   MiB/s rewritten, for the pass line */
+        .equ FRAME_SIZE,        0xE0
 
         .text
         .globl _start
@@ -403,6 +512,13 @@ setup:
         movq $DEFAULT_RATIO, CB + CB_RATIO
         movq $0, CB + CB_FILLED
         movq $0, CB + CB_CORRUPT
+        movq $0, CB + CB_DISK
+        movq $0, CB + CB_DISK_RATE
+        movq $DEFAULT_DISK_IO, CB + CB_DISK_IO
+        movq $0, CB + CB_DISK_BLOCKS
+        movq $0, CB + CB_DISK_AVAIL
+        movq $0, CB + CB_DISK_DEAD
+        movq $0, CB + CB_NMMIO
         movl $0, CB + CB_LOCK
         mov $(CB + CB_PERCPU), %edi     /* zero every CPU's counters */
         mov $(MAX_CPUS * PC_SIZE / 8), %ecx
@@ -461,7 +577,10 @@ setup:
         /* Rates above 1 TiB/s make no sense and would overflow the pacing arithmetic. */
         mov $1, %eax
         shl $40, %rax
-        cmp %rax, CB + CB_RATE
+        cmp %rax, CB + CB_DISK_RATE
+        jbe 15f
+        mov %rax, CB + CB_DISK_RATE
+15:     cmp %rax, CB + CB_RATE
         jbe 6f
         mov %rax, CB + CB_RATE
 
@@ -557,6 +676,8 @@ setup:
         call send_line
         add $LINE_BUF, %rsp
 
+        call disk_setup
+
         pop %r14
         pop %r13
         pop %rbx
@@ -643,7 +764,53 @@ parse_cmdline:
         mov %rax, CB + CB_RATIO
         jmp .Lp_next
 
-7:      lea str_pattern(%rip), %rdi
+7:      lea str_disk(%rip), %rdi
+        call starts_with
+        test %rax, %rax
+        jz 9f
+        mov %rax, %rsi
+        call parse_size
+        test %edx, %edx
+        jz .Lp_next
+        mov %rax, CB + CB_DISK
+        jmp .Lp_next
+
+9:      lea str_disk_rate(%rip), %rdi
+        call starts_with
+        test %rax, %rax
+        jz 10f
+        mov %rax, %rsi
+        call parse_size
+        test %edx, %edx
+        jz .Lp_next
+        mov %rax, CB + CB_DISK_RATE
+        jmp .Lp_next
+
+10:     lea str_disk_io(%rip), %rdi
+        call starts_with
+        test %rax, %rax
+        jz 11f
+        mov %rax, %rsi
+        call parse_size
+        test %edx, %edx
+        jz .Lp_next
+        test $0xfff, %eax               /* whole blocks, 4K..64K, else ignored */
+        jnz .Lp_next
+        lea -DEFAULT_DISK_IO(%rax), %rcx
+        cmp $(DISK_IO_MAX - DEFAULT_DISK_IO), %rcx
+        ja .Lp_next
+        mov %rax, CB + CB_DISK_IO
+        jmp .Lp_next
+
+11:     lea str_virtio_mmio(%rip), %rdi
+        call starts_with
+        test %rax, %rax
+        jz 12f
+        mov %rax, %rsi
+        call parse_mmio
+        jmp .Lp_next
+
+12:     lea str_pattern(%rip), %rdi
         call starts_with
         test %rax, %rax
         jz .Lp_next
@@ -706,6 +873,17 @@ starts_with:
  * end of the token.  Returns EDX = 1 and RAX = the value, or EDX = 0.
  */
 parse_size:
+        call parse_number
+        cmpb $' ', (%rsi)               /* nothing else may follow */
+        jbe 1f
+        xor %edx, %edx
+1:      ret
+
+/*
+ * parse_number: like parse_size, but anything may follow.  Returns EDX = 1,
+ * RAX = the value and RSI = just after it, or EDX = 0 if there is no digit.
+ */
+parse_number:
         xor %eax, %eax
         xor %r8d, %r8d                  /* digits seen */
 1:      movzbl (%rsi), %edx
@@ -735,12 +913,75 @@ parse_size:
         jz 7f
         shl %cl, %rax
         inc %rsi
-7:      cmpb $' ', (%rsi)               /* nothing else may follow */
-        ja 6f
-        mov $1, %edx
+7:      mov $1, %edx
         ret
 6:      xor %edx, %edx
         ret
+
+/*
+ * parse_mmio: RSI = the value of a virtio_mmio.device= token, Linux's
+ * SIZE@0xBASE:IRQ[:ID].  Keeps BASE in the CB_MMIO list (at most MAX_MMIO);
+ * a malformed token, or a BASE the identity map does not reach (4 GiB and
+ * above), is ignored.  The device itself is not touched here: only
+ * disk_setup looks at it, and only with disk=.
+ */
+parse_mmio:
+        call parse_number               /* SIZE: any (Linux's tokens say 512 or 4K) */
+        test %edx, %edx
+        jz 5f
+        cmpb $'@', (%rsi)
+        jne 5f
+        cmpb $'0', 1(%rsi)
+        jne 5f
+        movzbl 2(%rsi), %eax
+        or $0x20, %eax
+        cmp $'x', %eax
+        jne 5f
+        add $3, %rsi
+        xor %eax, %eax                  /* BASE, hexadecimal */
+        xor %r8d, %r8d                  /* digits seen */
+1:      movzbl (%rsi), %ecx
+        lea -'0'(%rcx), %edx
+        cmp $9, %edx
+        jbe 2f
+        or $0x20, %ecx
+        lea -'a'(%rcx), %edx
+        cmp $5, %edx
+        ja 3f
+        add $10, %edx
+2:      cmp $0x0fffffff, %rax           /* below 4 GiB: the identity map ends there */
+        ja 5f
+        shl $4, %rax
+        add %rdx, %rax
+        inc %rsi
+        inc %r8d
+        jmp 1b
+3:      test %r8d, %r8d
+        jz 5f
+        mov %rax, %r9
+        cmpb $':', (%rsi)
+        jne 5f
+        inc %rsi
+        xor %ecx, %ecx                  /* IRQ: decimal, not used (no interrupts) */
+4:      movzbl (%rsi), %eax
+        sub $'0', %eax
+        cmp $9, %eax
+        ja 6f
+        inc %rsi
+        inc %ecx
+        jmp 4b
+6:      test %ecx, %ecx
+        jz 5f
+        cmpb $':', (%rsi)               /* an optional :ID follows, ignored */
+        je 7f
+        cmpb $' ', (%rsi)
+        ja 5f
+7:      mov CB + CB_NMMIO, %rax
+        cmp $MAX_MMIO, %rax
+        jae 5f
+        mov %r9, CB + CB_MMIO(, %rax, 8)
+        incq CB + CB_NMMIO
+5:      ret
 
 /* RDTSC into \reg as one 64-bit number; clobbers RAX, RDX. */
 .macro RDTSC64 reg
@@ -806,6 +1047,8 @@ calibrate_tsc:
         jmp 1b
 
 2:      RDTSC64 %r9                     /* the edge lies in (R10, R9) */
+        cmp %rbx, %r10                  /* OUT2 never seen low: a descheduled vCPU, */
+        je 6f                           /* or no port 0x61 (QEMU's microvm): try again */
         mov %r9, %rcx
         sub %r10, %rcx
         add %rcx, %r11                  /* R11 = total uncertainty */
@@ -824,8 +1067,10 @@ calibrate_tsc:
 3:      shl $9, %r11                    /* within 1/512 of the interval */
         cmp %r9, %r11                   /* tight enough? */
         jb .Lcal_done
-        dec %r12d
+6:      dec %r12d
         jnz .Lcal_try
+        test %r15, %r15                 /* no attempt saw OUT2 low then high */
+        jz .Lcal_timeout
 
 .Lcal_done:
         mov %r15, %rax
@@ -922,6 +1167,29 @@ idle:   pause                           /* more vCPUs than announced: stay out o
         mov %rax, F_CURV(%rbp)
         mov %rax, F_PASS(%rbp)
         mov %rax, F_LASTW(%rbp)
+        mov %rax, F_DCREDW(%rbp)
+        mov %rax, F_DCURW(%rbp)
+        mov %rax, F_DCREDV(%rbp)
+        mov %rax, F_DCURV(%rbp)
+        mov %rax, F_DWRITTEN(%rbp)
+        mov %rax, F_DLASTW(%rbp)
+        mov %rax, F_DSWEEPS(%rbp)
+
+        /* The disk's pacing (CPU 0): the sweep at max(disk-rate, 16 MiB/s); backlogs
+         * kept up to a quarter of a second, at least a request's worth (16 blocks). */
+        mov CB + CB_DISK_RATE, %rax
+        mov %rax, %rcx
+        shr $14, %rcx
+        cmp $16, %rcx
+        jae 9f
+        mov $16, %ecx
+9:      mov %rcx, F_DCAPW(%rbp)
+        cmp $DISK_VERIFY_MIN, %rax
+        jae 10f
+        mov $DISK_VERIFY_MIN, %eax
+10:     mov %rax, F_DVRATE(%rbp)
+        shr $14, %rax
+        mov %rax, F_DCAPV(%rbp)
 
         /* First fill: generation 1 everywhere. */
         xor %ebx, %ebx
@@ -936,8 +1204,15 @@ idle:   pause                           /* more vCPUs than announced: stay out o
         inc %rbx
         jmp 5b
 
+        /* CPU 0 then fills the disk, before the others may start. */
+6:      test %r12, %r12
+        jnz 11f
+        cmpq $0, CB + CB_DISK_BLOCKS
+        je 11f
+        call disk_fill
+
         /* Wait until every CPU has filled its share, so the pass lines start together. */
-6:      lock incq CB + CB_FILLED
+11:     lock incq CB + CB_FILLED
 7:      mov CB + CB_FILLED, %rax
         cmp CB + CB_NCPUS, %rax
         jae 8f
@@ -1014,9 +1289,12 @@ main_loop:
         dec %rbx
         jmp 7b
 
-8:      test %r12, %r12                 /* CPU 0 reports once a second */
+8:      test %r12, %r12                 /* CPU 0 does the disk and reports once a second */
         jnz 9f
-        cmp F_NEXT(%rbp), %r14
+        cmpq $0, CB + CB_DISK_BLOCKS
+        je 12f
+        call disk_work
+12:     cmp F_NEXT(%rbp), %r14
         jb 9f
         call pass_line
 9:      pause
@@ -1110,19 +1388,17 @@ pass_line:
         dec %rcx
         jnz 1b
 
-        /* MiB/s = pages * tsc_hz / (ticks * 256), rounded to nearest */
+        /* MiB/s of pages, and of disk blocks, since the previous line. */
         mov %r8, %rax
         sub F_LASTW(%rbp), %rax
         mov %r8, F_LASTW(%rbp)
-        mulq CB + CB_TSC_HZ
-        mov %r14, %rcx
-        sub F_LASTT(%rbp), %rcx
-        shl $7, %rcx                    /* half the divisor */
-        add %rcx, %rax
-        adc $0, %rdx
-        shl $1, %rcx
-        div %rcx
+        call mib_per_second
         mov %rax, %rbx
+        mov F_DWRITTEN(%rbp), %rax
+        sub F_DLASTW(%rbp), %rax
+        add %rax, F_DLASTW(%rbp)
+        call mib_per_second
+        mov %rax, F_DRATE(%rbp)
         mov %r14, F_LASTT(%rbp)
 
         /* Next line a second after this one was due; after a long stall, a second from now. */
@@ -1152,11 +1428,13 @@ pass_line:
         call put_str
         mov %r13, %rax
         call put_dec
+        call pass_disk
         jmp 5f
 4:      lea msg_pass_fail(%rip), %rsi
         call put_str
         mov %r13, %rax
         call put_dec
+        call pass_disk
         lea msg_pass_corrupt(%rip), %rsi
         call put_str
         mov CB + CB_CORRUPT, %rax
@@ -1213,26 +1491,82 @@ pass_line:
         ret
 
 /*
+ * mib_per_second (CPU 0, pass_line): RAX = 4 KiB units done since the previous
+ * pass line, R14 = now.  Returns RAX = MiB/s, that is units * tsc_hz / (ticks
+ * * 256), rounded to nearest.
+ */
+mib_per_second:
+        mulq CB + CB_TSC_HZ
+        mov %r14, %rcx
+        sub F_LASTT(%rbp), %rcx
+        shl $7, %rcx                    /* half the divisor */
+        add %rcx, %rax
+        adc $0, %rdx
+        shl $1, %rcx
+        div %rcx
+        ret
+
+/* pass_disk (CPU 0, pass_line): RDI = line buffer.  Appends " disk DMiB/s dsweeps Q" if the disk is on. */
+pass_disk:
+        cmpq $0, CB + CB_DISK_BLOCKS
+        je 1f
+        lea msg_pass_disk(%rip), %rsi
+        call put_str
+        mov F_DRATE(%rbp), %rax
+        call put_dec
+        lea msg_pass_dsweeps(%rip), %rsi
+        call put_str
+        mov F_DSWEEPS(%rbp), %rax
+        call put_dec
+1:      ret
+
+/*
  * report_corrupt: RDI = page index.  Counts it and prints
  * "tern-guest: CORRUPT page N" for the first MAX_CORRUPT_LINES.
+ * report_block: the same for a disk block ("CORRUPT block N").
+ * report: RSI = the line's start, RDI = a number, RDX = 0 or a second
+ * string and RCX = a second number.  Pages, blocks and disk errors share
+ * the count and the limit on lines printed.
  */
 report_corrupt:
+        lea msg_corrupt(%rip), %rsi
+        xor %edx, %edx
+        jmp report
+report_block:
+        lea msg_corrupt_block(%rip), %rsi
+        xor %edx, %edx
+report:
         push %rbx
+        push %r12
+        push %r13
+        push %r14
         mov %rdi, %rbx
+        mov %rsi, %r12
+        mov %rdx, %r13
+        mov %rcx, %r14
         mov $1, %eax
         lock xadd %rax, CB + CB_CORRUPT
         cmp $MAX_CORRUPT_LINES, %rax
         jae 1f
         sub $LINE_BUF, %rsp
         mov %rsp, %rdi
-        lea msg_corrupt(%rip), %rsi
+        mov %r12, %rsi
         call put_str
         mov %rbx, %rax
         call put_dec
-        mov %rsp, %rsi
+        test %r13, %r13
+        jz 2f
+        mov %r13, %rsi
+        call put_str
+        mov %r14, %rax
+        call put_dec
+2:      mov %rsp, %rsi
         call send_line
         add $LINE_BUF, %rsp
-1:      pop %rbx
+1:      pop %r14
+        pop %r13
+        pop %r12
+        pop %rbx
         ret
 
 /* ---------------------------------------------------------------------------
@@ -1346,6 +1680,7 @@ write_lines:
         je .Lw_zero
         cmp $PATTERN_COMPRESSIBLE, %rax
         je .Lw_comp
+write_random:                           /* pattern=random; gen_block enters here */
         push %rcx                       /* lines */
         push %r8                        /* first line */
         call seed_lanes
@@ -1569,6 +1904,548 @@ ratio_words:
         .word 512, 203, 123, 86, 65, 55, 46, 40, 36, 34, 32, 25, 23, 22, 20, 18
 
 /* ---------------------------------------------------------------------------
+ * The disk: a virtio-blk device behind a virtio-mmio transport (version 2,
+ * split virtqueue), driven by CPU 0 alone.  It runs at CPL 3 like the rest of
+ * the workload: an access to an address without RAM exits to the VMM from any
+ * privilege level.  No interrupt is ever taken, so the driver polls the used
+ * ring, one request at a time, and acknowledges InterruptStatus after each
+ * completion, which keeps the device's interrupt line low.  Every register
+ * access is a 32-bit mov, nothing the VMM's MMIO decoding could trip over.
+ */
+
+/*
+ * disk_setup (CPU 0, at the end of setup): with disk= of at least one block,
+ * takes the first virtio_mmio.device= whose registers say virtio-blk,
+ * version 2, sets it up and sets CB_DISK_BLOCKS, and prints the disk line (or
+ * why there is no disk workload).  Without disk= no device is touched.
+ */
+disk_setup:
+        push %rbx
+        push %r12
+        push %r13
+        cmpq $4096, CB + CB_DISK
+        jb .Lds_ret
+        xor %r12d, %r12d
+1:      cmp CB + CB_NMMIO, %r12
+        jae .Lds_nodev
+        mov CB + CB_MMIO(, %r12, 8), %rbx
+        mov VM_MAGIC(%rbx), %eax
+        cmp $VIRTIO_MAGIC, %eax
+        jne 2f
+        mov VM_VERSION(%rbx), %eax
+        cmp $2, %eax
+        jne 2f
+        mov VM_DEVICE_ID(%rbx), %eax
+        cmp $VIRTIO_ID_BLOCK, %eax
+        je 3f
+2:      inc %r12
+        jmp 1b
+
+3:      mov %rbx, CB + CB_DISK_REGS
+        /* Empty rings (a reboot= leaves the previous boot's), and the two
+         * descriptors every request shares: 0 the header, 2 the status byte. */
+        mov $VQ_DESC, %edi
+        mov $(0x1000 / 8), %ecx
+        xor %eax, %eax
+        rep stosq
+        movq $REQ_HDR, VQ_DESC
+        movabs $(16 | (VRING_DESC_F_NEXT << 32) | (1 << 48)), %rax
+        mov %rax, VQ_DESC + 8
+        movq $REQ_STATUS, VQ_DESC + 32
+        movabs $(1 | (VRING_DESC_F_WRITE << 32)), %rax
+        mov %rax, VQ_DESC + 40
+
+        /* Reset, and wait until Status reads 0 (virtio 1.x 4.2.3.1). */
+        xor %eax, %eax
+        mov %eax, VM_STATUS(%rbx)
+        mov $1000, %ecx
+4:      mov VM_STATUS(%rbx), %eax
+        test %eax, %eax
+        jz 5f
+        pause
+        dec %ecx
+        jnz 4b
+        lea msg_no_reset(%rip), %rsi
+        jmp .Lds_fail
+5:      mov $ST_ACKNOWLEDGE, %eax
+        mov %eax, VM_STATUS(%rbx)
+        mov $(ST_ACKNOWLEDGE | ST_DRIVER), %eax
+        mov %eax, VM_STATUS(%rbx)
+
+        /* Features: VIRTIO_F_VERSION_1 (bit 32) only, which version 2 requires. */
+        xor %eax, %eax
+        mov %eax, VM_DEV_FEATURES_SEL(%rbx)
+        mov VM_DEV_FEATURES(%rbx), %eax /* bits 0-31: nothing wanted */
+        mov $1, %eax
+        mov %eax, VM_DEV_FEATURES_SEL(%rbx)
+        mov VM_DEV_FEATURES(%rbx), %eax
+        test $1, %al
+        jnz 6f
+        lea msg_no_version1(%rip), %rsi
+        jmp .Lds_fail
+6:      xor %eax, %eax
+        mov %eax, VM_DRV_FEATURES_SEL(%rbx)
+        mov %eax, VM_DRV_FEATURES(%rbx)
+        inc %eax
+        mov %eax, VM_DRV_FEATURES_SEL(%rbx)
+        mov %eax, VM_DRV_FEATURES(%rbx)
+        mov $(ST_ACKNOWLEDGE | ST_DRIVER | ST_FEATURES_OK), %eax
+        mov %eax, VM_STATUS(%rbx)
+        mov VM_STATUS(%rbx), %eax
+        test $ST_FEATURES_OK, %al
+        jnz 7f
+        lea msg_no_features_ok(%rip), %rsi
+        jmp .Lds_fail
+
+        /* Queue 0: min(QueueNumMax, MAX_QUEUE) entries, rings at fixed addresses. */
+7:      xor %eax, %eax
+        mov %eax, VM_QUEUE_SEL(%rbx)
+        mov VM_QUEUE_NUM_MAX(%rbx), %eax
+        cmp $MIN_QUEUE, %eax
+        jae 8f
+        lea msg_small_queue(%rip), %rsi
+        jmp .Lds_fail
+8:      cmp $MAX_QUEUE, %eax
+        jbe 9f
+        mov $MAX_QUEUE, %eax
+9:      mov %rax, CB + CB_DISK_QSIZE
+        mov %eax, VM_QUEUE_NUM(%rbx)
+        xor %ecx, %ecx
+        mov $VQ_DESC, %eax
+        mov %eax, VM_QUEUE_DESC(%rbx)
+        mov %ecx, VM_QUEUE_DESC + 4(%rbx)
+        mov $VQ_AVAIL, %eax
+        mov %eax, VM_QUEUE_DRIVER(%rbx)
+        mov %ecx, VM_QUEUE_DRIVER + 4(%rbx)
+        mov $VQ_USED, %eax
+        mov %eax, VM_QUEUE_DEVICE(%rbx)
+        mov %ecx, VM_QUEUE_DEVICE + 4(%rbx)
+        mov $1, %eax
+        mov %eax, VM_QUEUE_READY(%rbx)
+
+        /* Capacity: two u32 reads, again if the configuration changed meanwhile. */
+10:     mov VM_CONFIG_GEN(%rbx), %ecx
+        mov VM_CONFIG(%rbx), %eax
+        mov VM_CONFIG + 4(%rbx), %edx
+        mov VM_CONFIG_GEN(%rbx), %r8d
+        cmp %ecx, %r8d
+        jne 10b
+        shl $32, %rdx
+        or %rdx, %rax
+        mov %rax, CB + CB_DISK_CAP
+        mov $(ST_ACKNOWLEDGE | ST_DRIVER | ST_FEATURES_OK | ST_DRIVER_OK), %eax
+        mov %eax, VM_STATUS(%rbx)
+
+        /* The working set: whole blocks, within the capacity and the generation table. */
+        mov CB + CB_DISK_CAP, %r13
+        shr $3, %r13                    /* blocks the device holds */
+        mov $MAX_DISK_BLOCKS, %eax
+        cmp %rax, %r13
+        jbe 11f
+        mov %rax, %r13
+11:     mov CB + CB_DISK, %r12
+        shr $12, %r12
+        cmp %r13, %r12
+        jbe 12f
+        mov %r13, %r12
+        sub $LINE_BUF, %rsp
+        mov %rsp, %rdi
+        lea msg_disk_clamped(%rip), %rsi
+        call put_str
+        mov %r12, %rax
+        shr $8, %rax                    /* blocks to MiB */
+        call put_dec
+        lea msg_disk_clamped2(%rip), %rsi
+        call put_str
+        mov CB + CB_DISK_CAP, %rax
+        shr $11, %rax                   /* sectors to MiB */
+        call put_dec
+        lea msg_disk_clamped3(%rip), %rsi
+        call put_str
+        mov %rsp, %rsi
+        call send_line
+        add $LINE_BUF, %rsp
+12:     mov %r12, CB + CB_DISK_BLOCKS
+        test %r12, %r12
+        jz .Lds_ret
+
+        sub $LINE_BUF, %rsp
+        mov %rsp, %rdi
+        lea msg_disk(%rip), %rsi
+        call put_str
+        mov CB + CB_DISK_REGS, %rax
+        call put_hex
+        lea msg_disk_capacity(%rip), %rsi
+        call put_str
+        mov CB + CB_DISK_CAP, %rax
+        shr $11, %rax
+        call put_dec
+        lea msg_disk_wss(%rip), %rsi
+        call put_str
+        mov CB + CB_DISK_BLOCKS, %rax
+        shr $8, %rax
+        call put_dec
+        lea msg_start_rate(%rip), %rsi
+        call put_str
+        mov CB + CB_DISK_RATE, %rax
+        shr $20, %rax
+        call put_dec
+        lea msg_disk_io(%rip), %rsi
+        call put_str
+        mov CB + CB_DISK_IO, %rax
+        shr $10, %rax
+        call put_dec
+        lea msg_disk_kib(%rip), %rsi
+        call put_str
+        mov %rsp, %rsi
+        call send_line
+        add $LINE_BUF, %rsp
+.Lds_ret:
+        pop %r13
+        pop %r12
+        pop %rbx
+        ret
+
+.Lds_fail:                              /* RSI = the reason; tell the device too */
+        mov VM_STATUS(%rbx), %eax
+        or $ST_FAILED, %eax
+        mov %eax, VM_STATUS(%rbx)
+        jmp .Lds_say
+.Lds_nodev:
+        lea msg_no_device(%rip), %rsi
+.Lds_say:
+        mov %rsi, %r12
+        sub $LINE_BUF, %rsp
+        mov %rsp, %rdi
+        lea msg_disk_unusable(%rip), %rsi
+        call put_str
+        mov %r12, %rsi
+        call put_str
+        mov %rsp, %rsi
+        call send_line
+        add $LINE_BUF, %rsp
+        jmp .Lds_ret
+
+/* disk_fill (CPU 0, before the pass lines start): generation 1 in every block of the working set. */
+disk_fill:
+        push %rbx
+        xor %ebx, %ebx
+1:      cmp CB + CB_DISK_BLOCKS, %rbx
+        jae 2f
+        cmpq $0, CB + CB_DISK_DEAD
+        jne 3f
+        mov %rbx, %rdi
+        mov $1, %esi
+        call disk_write_run
+        add %rax, %rbx
+        jmp 1b
+2:      sub $LINE_BUF, %rsp
+        mov %rsp, %rdi
+        lea msg_disk_filled(%rip), %rsi
+        call put_str
+        mov CB + CB_DISK_BLOCKS, %rax
+        shr $8, %rax
+        call put_dec
+        lea msg_mib(%rip), %rsi
+        call put_str
+        mov %rsp, %rsi
+        call send_line
+        add $LINE_BUF, %rsp
+3:      pop %rbx
+        ret
+
+/*
+ * disk_work (CPU 0, main loop): R15 = ticks since F_T0.  The disk's part of a
+ * round, paced like the pages: the rewrites due at disk-rate, then the
+ * verification reads due at F_DVRATE, at most DISK_CHUNK requests of each.  A
+ * request covers a whole run (disk_run), so it waits until the run is due.
+ */
+disk_work:
+        push %rbx
+        push %r13
+        cmpq $0, CB + CB_DISK_DEAD
+        jne 9f
+        mov CB + CB_DISK_RATE, %rax
+        mul %r15
+        divq F_DENOM(%rbp)
+        mov %rax, %r13                  /* blocks due */
+        mov %rax, %rcx
+        sub F_DCREDW(%rbp), %rcx        /* backlog */
+        cmp F_DCAPW(%rbp), %rcx
+        jbe 1f
+        sub F_DCAPW(%rbp), %rax         /* too far behind (paused?): forget the excess */
+        mov %rax, F_DCREDW(%rbp)
+1:      mov $DISK_CHUNK, %ebx
+2:      mov F_DCURW(%rbp), %rdi
+        call disk_run
+        mov %r13, %rcx
+        sub F_DCREDW(%rbp), %rcx
+        cmp %rax, %rcx
+        jb 4f
+        mov F_DCURW(%rbp), %rdi
+        xor %esi, %esi
+        call disk_write_run
+        add %rax, F_DCREDW(%rbp)
+        add %rax, F_DWRITTEN(%rbp)
+        add F_DCURW(%rbp), %rax
+        cmp CB + CB_DISK_BLOCKS, %rax
+        jb 3f
+        xor %eax, %eax
+3:      mov %rax, F_DCURW(%rbp)
+        dec %ebx
+        jnz 2b
+
+4:      mov F_DVRATE(%rbp), %rax
+        mul %r15
+        divq F_DENOM(%rbp)
+        mov %rax, %r13
+        mov %rax, %rcx
+        sub F_DCREDV(%rbp), %rcx
+        cmp F_DCAPV(%rbp), %rcx
+        jbe 5f
+        sub F_DCAPV(%rbp), %rax
+        mov %rax, F_DCREDV(%rbp)
+5:      mov $DISK_CHUNK, %ebx
+6:      mov F_DCURV(%rbp), %rdi
+        call disk_run
+        mov %r13, %rcx
+        sub F_DCREDV(%rbp), %rcx
+        cmp %rax, %rcx
+        jb 9f
+        mov F_DCURV(%rbp), %rdi
+        call disk_verify_run
+        add %rax, F_DCREDV(%rbp)
+        add F_DCURV(%rbp), %rax
+        cmp CB + CB_DISK_BLOCKS, %rax
+        jb 7f
+        incq F_DSWEEPS(%rbp)            /* wrapped: one more sweep of the disk */
+        xor %eax, %eax
+7:      mov %rax, F_DCURV(%rbp)
+        dec %ebx
+        jnz 6b
+9:      pop %r13
+        pop %rbx
+        ret
+
+/* disk_run: RDI = a block.  Returns RAX = the blocks of the request that starts there: disk-io's worth, fewer at the end of the working set.  Clobbers RCX. */
+disk_run:
+        mov CB + CB_DISK_IO, %rax
+        shr $12, %rax
+        mov CB + CB_DISK_BLOCKS, %rcx
+        sub %rdi, %rcx
+        cmp %rcx, %rax
+        jbe 1f
+        mov %rcx, %rax
+1:      ret
+
+/*
+ * disk_write_run: RDI = first block, ESI = 1 for the first fill (generation 1),
+ * 0 for a rewrite (generation + 1).  Writes the run that starts there in one
+ * request; returns RAX = its blocks.
+ */
+disk_write_run:
+        push %rbx
+        push %r12
+        push %r13
+        push %r14
+        mov %rdi, %r12
+        mov %esi, %r14d
+        call disk_run
+        mov %rax, %r13
+        xor %ebx, %ebx
+1:      lea (%r12, %rbx), %rsi
+        mov BLOCK_TABLE(, %rsi, 4), %edx
+        inc %edx
+        test %r14d, %r14d
+        jz 2f
+        mov $1, %edx
+2:      mov %edx, BLOCK_TABLE(, %rsi, 4)
+        mov %rbx, %rdi
+        shl $12, %rdi
+        add $DISK_BUF, %rdi
+        call gen_block
+        inc %rbx
+        cmp %r13, %rbx
+        jb 1b
+        mov $VIRTIO_BLK_T_OUT, %edi
+        lea (, %r12, 8), %rsi           /* 8 sectors a block */
+        mov $DISK_BUF, %edx
+        mov %r13, %rcx
+        shl $12, %rcx
+        call disk_request
+        mov %r13, %rax
+        pop %r14
+        pop %r13
+        pop %r12
+        pop %rbx
+        ret
+
+/*
+ * disk_verify_run: RDI = first block.  Reads the run that starts there in one
+ * request and checks every word of every block against its generation; a bad
+ * block is reported and written again with what it should hold, so it is
+ * reported once.  Returns RAX = the run's blocks.
+ */
+disk_verify_run:
+        push %rbx
+        push %r12
+        push %r13
+        mov %rdi, %r12
+        call disk_run
+        mov %rax, %r13
+        mov $VIRTIO_BLK_T_IN, %edi
+        lea (, %r12, 8), %rsi
+        mov $DISK_BUF, %edx
+        mov %r13, %rcx
+        shl $12, %rcx
+        call disk_request
+        test %eax, %eax
+        jnz 3f                          /* failed (and reported): nothing to check */
+        xor %ebx, %ebx
+1:      mov %rbx, %rdi
+        shl $12, %rdi
+        add $DISK_BUF, %rdi
+        lea (%r12, %rbx), %rsi
+        mov BLOCK_TABLE(, %rsi, 4), %edx
+        call verify_block
+        test %eax, %eax
+        jz 2f
+        lea (%r12, %rbx), %rdi
+        call report_block
+        mov $VIRTIO_BLK_T_OUT, %edi     /* DISK_EXPECT holds what the block should */
+        lea (%r12, %rbx), %rsi
+        shl $3, %rsi
+        mov $DISK_EXPECT, %edx
+        mov $4096, %ecx
+        call disk_request
+2:      inc %rbx
+        cmp %r13, %rbx
+        jb 1b
+3:      mov %r13, %rax
+        pop %r13
+        pop %r12
+        pop %rbx
+        ret
+
+/*
+ * gen_block: RDI = where (4 KiB aligned), RSI = block b, EDX = generation g.
+ * Writes the block: pattern=random's page for the header g << 32 | b, with
+ * word 1 replaced by "TERNDISK" so that a block is never taken for a page.
+ */
+gen_block:
+        shl $32, %rdx
+        or %rsi, %rdx
+        push %rdi
+        xor %r8d, %r8d
+        mov $LINES_PER_PAGE, %ecx
+        call write_random
+        pop %rdi
+        movabs $DISK_TAG, %rax
+        mov %rax, 8(%rdi)
+        ret
+
+/*
+ * verify_block: RDI = a block as read, RSI = its number, EDX = its generation.
+ * Returns RAX = 0 if every word is right.  DISK_EXPECT then holds the block
+ * as it should be.
+ */
+verify_block:
+        push %rdi
+        mov $DISK_EXPECT, %edi
+        call gen_block
+        pop %rdi
+        mov $DISK_EXPECT, %esi
+        mov $512, %ecx
+        xor %eax, %eax
+        repe cmpsq
+        setne %al
+        ret
+
+/*
+ * disk_request: EDI = VIRTIO_BLK_T_IN or VIRTIO_BLK_T_OUT, RSI = first
+ * sector, RDX = data buffer, ECX = its length.  Makes the chain of
+ * descriptors 0-2 available, notifies queue 0, polls the used ring until the
+ * device has served it, then acknowledges the interrupt.  Returns RAX = the
+ * status byte, 0 for VIRTIO_BLK_S_OK; anything else is reported as a
+ * DISK-ERROR and counted.  If the device stops serving the queue (Status
+ * without DRIVER_OK, or with DEVICE_NEEDS_RESET), that is reported once and no
+ * request is made from then on (RAX = -1).
+ */
+disk_request:
+        push %rbx
+        cmpq $0, CB + CB_DISK_DEAD
+        jne .Ldr_dead
+        mov CB + CB_DISK_REGS, %rbx
+        mov %edi, REQ_HDR               /* type */
+        movl $0, REQ_HDR + 4            /* reserved */
+        mov %rsi, REQ_HDR + 8           /* sector */
+        movb $0xff, REQ_STATUS          /* no status a device may leave */
+        mov %rdx, VQ_DESC + 16          /* descriptor 1: the data */
+        mov $VRING_DESC_F_NEXT, %eax
+        cmp $VIRTIO_BLK_T_IN, %edi
+        jne 1f
+        or $VRING_DESC_F_WRITE, %eax    /* a read: the device writes the data */
+1:      or $(2 << 16), %eax             /* next: descriptor 2 */
+        shl $32, %rax
+        or %rcx, %rax                   /* length (ECX zero-extended) */
+        mov %rax, VQ_DESC + 24
+
+        /* The chain's head in the next slot of the avail ring, then the index:
+         * x86 makes the stores visible in that order, and before the notify. */
+        mov CB + CB_DISK_AVAIL, %eax
+        mov CB + CB_DISK_QSIZE, %ecx
+        dec %ecx
+        and %eax, %ecx
+        movw $0, VQ_AVAIL + 4(, %rcx, 2)
+        inc %eax
+        mov %rax, CB + CB_DISK_AVAIL
+        mov %ax, VQ_AVAIL + 2
+        xor %ecx, %ecx
+        mov %ecx, VM_QUEUE_NOTIFY(%rbx) /* queue 0 */
+
+2:      mov $256, %edx                  /* polls between two looks at Status */
+6:      cmp VQ_USED + 2, %ax            /* used->idx catches up when it is served */
+        je 3f
+        pause
+        dec %edx
+        jnz 6b
+        mov VM_STATUS(%rbx), %ecx       /* still serving the queue? */
+        and $(ST_DRIVER_OK | ST_NEEDS_RESET), %ecx
+        cmp $ST_DRIVER_OK, %ecx
+        jne .Ldr_broken
+        jmp 2b
+3:      mov VM_INT_STATUS(%rbx), %ecx
+        test %ecx, %ecx
+        jz 4f
+        mov %ecx, VM_INT_ACK(%rbx)
+4:      movzbl REQ_STATUS, %eax
+        test %eax, %eax
+        jz 5f
+        push %rax
+        mov %rax, %rdi
+        lea msg_disk_error(%rip), %rsi
+        lea msg_disk_error2(%rip), %rdx
+        mov REQ_HDR + 8, %rcx
+        call report
+        pop %rax
+5:      pop %rbx
+        ret
+
+.Ldr_broken:
+        movq $1, CB + CB_DISK_DEAD
+        mov VM_INT_STATUS(%rbx), %ecx   /* keep the line low all the same */
+        mov %ecx, VM_INT_ACK(%rbx)
+        mov VM_STATUS(%rbx), %edi
+        lea msg_disk_dead(%rip), %rsi
+        lea msg_disk_error2(%rip), %rdx
+        mov REQ_HDR + 8, %rcx
+        call report
+.Ldr_dead:
+        mov $-1, %rax
+        pop %rbx
+        ret
+
+/* ---------------------------------------------------------------------------
  * Output on COM1.
  */
 
@@ -1581,15 +2458,22 @@ put_str:
         jmp 1b
 2:      ret
 
-/* put_dec: appends RAX in decimal to the buffer at RDI (advanced). */
+/* put_dec: appends RAX in decimal to the buffer at RDI (advanced).  put_hex: in hexadecimal. */
+put_hex:
+        mov $16, %ecx
+        jmp put_num
 put_dec:
+        mov $10, %ecx
+put_num:
         sub $32, %rsp                   /* digits are produced backwards into here */
         lea 32(%rsp), %rsi
-        mov $10, %ecx
 1:      xor %edx, %edx
         div %rcx
         add $'0', %dl
-        dec %rsi
+        cmp $'9', %dl
+        jbe 2f
+        add $('a' - '9' - 1), %dl
+2:      dec %rsi
         mov %dl, (%rsi)
         test %rax, %rax
         jnz 1b
@@ -1668,6 +2552,32 @@ msg_clamped:            .asciz "tern-guest: wss clamped to "
 msg_clamped2:           .asciz " MiB (working set must end below "
 msg_clamped3:           .asciz " MiB)"
 msg_pit_timeout:        .asciz "tern-guest: PIT calibration timed out, assuming tsc "
+str_disk:               .asciz "disk="
+str_disk_rate:          .asciz "disk-rate="
+str_disk_io:            .asciz "disk-io="
+str_virtio_mmio:        .asciz "virtio_mmio.device="
+msg_pass_disk:          .asciz " disk "
+msg_pass_dsweeps:       .asciz "MiB/s dsweeps "
+msg_corrupt_block:      .asciz "tern-guest: CORRUPT block "
+msg_disk_error:         .asciz "tern-guest: DISK-ERROR status "
+msg_disk_error2:        .asciz " sector "
+msg_disk:               .asciz "tern-guest: disk virtio-blk at 0x"
+msg_disk_capacity:      .asciz " capacity "
+msg_disk_wss:           .asciz " MiB wss "
+msg_disk_io:            .asciz " MiB/s io "
+msg_disk_kib:           .asciz " KiB"
+msg_disk_filled:        .asciz "tern-guest: disk filled "
+msg_mib:                .asciz " MiB"
+msg_disk_clamped:       .asciz "tern-guest: disk clamped to "
+msg_disk_clamped2:      .asciz " MiB (capacity "
+msg_disk_clamped3:      .asciz " MiB, at most 8192 MiB)"
+msg_disk_unusable:      .asciz "tern-guest: disk not usable: "
+msg_no_device:          .asciz "no virtio-mmio block device (magic virt, version 2, device id 2)"
+msg_no_reset:           .asciz "reset did not complete"
+msg_no_version1:        .asciz "VIRTIO_F_VERSION_1 not offered"
+msg_no_features_ok:     .asciz "FEATURES_OK refused"
+msg_small_queue:        .asciz "QueueNumMax below 4"
+msg_disk_dead:          .asciz "tern-guest: DISK-ERROR device-status "
 
         .balign 16, 0
 image_end:
