@@ -141,8 +141,8 @@ struct StreamV2LoaderTests {
         other = Self.configuration(capabilities: ["compress"])
         #expect(try load(stream(configuration: other) { finish($0) }).error?.contains("capability 'compress'") == true)
         #expect(try load(stream { finish($0) }, capabilities: ["compress"]).error?.contains("on here but the source") == true)
-        other = Self.configuration(); other.sections.append(.init(id: 2, name: "block", version: 1))
-        #expect(try load(stream(configuration: other) { finish($0) }).error?.contains("'block'") == true)
+        other = Self.configuration(); other.sections.append(.init(id: 2, name: "vga", version: 1))
+        #expect(try load(stream(configuration: other) { finish($0) }).error?.contains("'vga'") == true)
         other = Self.configuration(); other.sections[0].version = 9
         #expect(try load(stream(configuration: other) { finish($0) }).error?.contains("version 9") == true)
         // A page before the END of a mismatching stream is never applied.
