@@ -351,3 +351,17 @@ async def test_cancel_mid_copy_leaves_the_source_writing(launch, tmp_path):
         info = await wait_migration(s, src, wanted=("cancelled",), timeout=10)
         await wait_status(s, src, "running")
     await guest_check_passes_on(src)
+
+
+@asynctest
+async def test_query_block_lists_the_drives(launch, tmp_path):
+    """query-block reports each -drive as QEMU's BlockInfo (libvirt reads it): its id, file,
+    read-only flag, format and size."""
+    first = make_image(tmp_path / "a.img")
+    second = make_image(tmp_path / "b.img", size=8 * MiB)
+    vm = launch("vm", append="wss=16M", extra=drive(first, "id=root") + drive(second, "readonly=on"))
+    async with session(vm) as q:
+        blocks = await execute(q, "query-block")
+    assert [b["device"] for b in blocks] == ["root", "drive-virtio-disk1"], blocks
+    assert blocks[0]["inserted"]["file"] == str(first) and blocks[0]["inserted"]["ro"] is False, blocks
+    assert blocks[1]["inserted"]["ro"] is True and blocks[1]["inserted"]["image"]["virtual-size"] == 8 * MiB, blocks

@@ -364,6 +364,8 @@ public final class Machine: @unchecked Sendable {
         }
         threads.forEach { $0.pause() }
         defer { if runState == .running { threads.forEach { $0.resume() } } }
+        // A reset device: the guest's driver starts over on a new boot.
+        virtioDevices.forEach { $0.reset() }
         let plan = try loadBootImage(configuration: configuration, into: memory,
                                      deviceArguments: virtioDevices.map(\.kernelArgument))
         let count = configuration.cpuCount

@@ -75,9 +75,25 @@ enum QMPIntrospectionCommands {
             QMPCommand("query-uuid") { _ throws(QMPError) in
                 ["UUID": .string(machine.configuration.uuid ?? "00000000-0000-0000-0000-000000000000")]
             },
-            // No block devices, block jobs or I/O threads yet: empty lists, as QEMU gives a
-            // machine without them.
-            QMPCommand("query-block") { _ throws(QMPError) in .array([]) },
+            // The -drive images as QEMU's BlockInfo; no block jobs or I/O threads: empty lists, as
+            // QEMU gives a machine without them.
+            QMPCommand("query-block") { _ throws(QMPError) in
+                .array(machine.disks.enumerated().map { index, disk in
+                    let cache = disk.configuration.cache
+                    let image: JSONValue = ["filename": .string(disk.path), "format": "raw",
+                                            "virtual-size": .int(Int64(clamping: disk.size))]
+                    let inserted: JSONValue = [
+                        "file": .string(disk.path), "node-name": .string("tern-node\(index)"), "ro": .bool(disk.configuration.readOnly),
+                        "drv": "raw", "backing_file_depth": 0, "encrypted": false, "detect_zeroes": "off",
+                        "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
+                        "write_threshold": 0, "image": image,
+                        "cache": ["writeback": .bool(cache != .writethrough && cache != .directsync),
+                                  "direct": .bool(cache == .none || cache == .directsync), "no-flush": .bool(cache == .unsafe)],
+                    ]
+                    return ["device": .string(disk.configuration.id), "qdev": .string("/machine/virtio-blk/\(index)"),
+                            "locked": false, "removable": false, "io-status": "ok", "inserted": inserted]
+                })
+            },
             QMPCommand("query-named-block-nodes", arguments: [.optional("flat", .boolean)]) { _ throws(QMPError) in .array([]) },
             QMPCommand("query-jobs") { _ throws(QMPError) in .array([]) },
             QMPCommand("query-iothreads") { _ throws(QMPError) in .array([]) },

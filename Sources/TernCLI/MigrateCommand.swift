@@ -6,7 +6,7 @@ public enum MigrateCommand {
     public static let usage = """
     Usage: tern migrate --qmp SOCKET [--speed BYTES|unlimited] [--downtime MS]
                         [--capability NAME]... [--slo-downtime MS] [--slo-total-time MS]
-                        [--report FILE] URI
+                        [--blk | --inc] [--report FILE] URI
 
     Starts a live migration on the tern (or QEMU) behind the QMP socket SOCKET, to URI
     (tcp:HOST:PORT, unix:PATH, exec:COMMAND, fd:NAME), shows its progress (pass, transferred
@@ -25,6 +25,11 @@ public enum MigrateCommand {
                        escalates (XBZRLE, compression, throttle, postcopy if allowed) when
                        its forecast says the budget will be missed, and cancels in time
                        when nothing can meet it; the source guest runs on
+      --blk            copy the disks whole with the guest (QEMU's migrate blk: true); the
+                       destination has its own image of the same size
+      --inc            copy only what was written to the disks since the source opened
+                       them (inc: true); the destination holds the same base image
+                       Without either, the disks are shared storage (the same path).
       --report FILE    write an SVG picture of the migration (remaining bytes per pass,
                        bandwidth, dirty rate, throttle, switchover, forecast) to FILE
 
@@ -44,6 +49,7 @@ public enum MigrateCommand {
         var capabilities: [String] = []
         var parameters: JSONObject = [:]
         var reportPath: String?
+        var blockFlag: String?
         var index = 0
         while index < arguments.count {
             let argument = arguments[index]
@@ -74,6 +80,8 @@ public enum MigrateCommand {
                     return 2
                 }
                 parameters[argument == "--slo-downtime" ? "x-slo-downtime" : "x-slo-total-time"] = .int(milliseconds)
+            case "--blk", "--inc":
+                blockFlag = String(argument.dropFirst(2))
             case "--report":
                 guard let path = value() else { printError("migrate: --report needs a file name, e.g. --report migration.svg"); return 2 }
                 reportPath = path
@@ -106,7 +114,8 @@ public enum MigrateCommand {
             }
             if !parameters.keys.isEmpty { try check(connection.execute("migrate-set-parameters", arguments: parameters)) }
             let recorder = reportPath.map { _ in MigrationRecorder() }
-            let outcome = try run(connection, uri: uri, speed: speed, downtime: downtime, recorder: recorder)
+            let outcome = try run(connection, uri: uri, speed: speed, downtime: downtime, blockFlag: blockFlag,
+                                  recorder: recorder)
             printSummary(outcome.info)
             if let reportPath, let recorder {
                 try MigrationReport.write(recorder, summary: summaryLines(outcome.info), to: reportPath)
@@ -120,11 +129,14 @@ public enum MigrateCommand {
     }
 
     /// Starts the migration and follows it to its end, printing progress on standard error.
+    /// `blockFlag` is `blk` or `inc` (QEMU's migrate flags), or nil for shared storage.
     static func run(_ connection: QMPConnection, uri: String, speed: Int64?, downtime: Double?,
-                    recorder: MigrationRecorder? = nil) throws -> Outcome {
+                    blockFlag: String? = nil, recorder: MigrationRecorder? = nil) throws -> Outcome {
         if let speed { try check(connection.execute("migrate_set_speed", arguments: ["value": .int(speed)])) }
         if let downtime { try check(connection.execute("migrate_set_downtime", arguments: ["value": .double(downtime)])) }
-        try check(connection.execute("migrate", arguments: ["uri": .string(uri)]))
+        var migrateArguments: JSONObject = ["uri": .string(uri)]
+        if let blockFlag { migrateArguments[blockFlag] = .bool(true) }
+        try check(connection.execute("migrate", arguments: migrateArguments))
         let interactive = isatty(STDERR_FILENO) == 1
         var lastLine = 0.0
         while true {
@@ -173,6 +185,7 @@ public enum MigrateCommand {
                 ? "  page requests \(ram["postcopy-requests"]?.int64Value ?? 0)"
                 : forecastProgress(info))
             + encodingProgress(info)
+            + (info["disk"]?.objectValue.map { "  disk \(mebibytes($0["transferred"])) of \(mebibytes($0["total"]))" } ?? "")
     }
 
     /// The forecast's ETA and predicted stop (tern), or QEMU's expected downtime.
@@ -217,6 +230,9 @@ public enum MigrateCommand {
             lines.append("  transferred     \(mebibytes(ram["transferred"])) of \(mebibytes(ram["total"])) RAM")
             lines.append("  pages           \(ram["normal"]?.int64Value ?? 0) sent, \(ram["duplicate"]?.int64Value ?? 0) zero")
             lines.append("  passes          \(ram["dirty-sync-count"]?.int64Value ?? 0) dirty-log syncs")
+            if let disk = info["disk"]?.objectValue {
+                lines.append("  disk            \(mebibytes(disk["transferred"])) of \(mebibytes(disk["total"])) copied")
+            }
             let mbps: Double = if case let .double(value)? = ram["mbps"] { value } else { 0 }
             lines.append(String(format: "  throughput      %.0f Mbit/s", mbps))
             if let xbzrle = info["xbzrle-cache"]?.objectValue {

@@ -218,6 +218,11 @@ final class VirtioMMIODevice: Sendable {
         return r
     }
 
+    /// The machine was reset: back to the state before any driver touched the device.
+    func reset() {
+        registers.withLock { $0 = Registers() }
+    }
+
     func apply(_ saved: Registers) {
         registers.withLock { $0 = saved }
     }
