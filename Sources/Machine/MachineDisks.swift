@@ -26,10 +26,10 @@ extension Machine {
         for disk in disks { try disk.activate() }
     }
 
-    /// Flushes every image and releases its lock, so a migration's destination can take it.
-    /// The vCPUs must be stopped.
-    public func flushAndDeactivateDisks() throws(DiskImageError) {
-        for disk in disks { try disk.flush() }
+    /// Flushes every image (unless `flush` is false) and releases its lock, so a migration's
+    /// destination can take it. The vCPUs must be stopped.
+    public func flushAndDeactivateDisks(flush: Bool = true) throws(DiskImageError) {
+        if flush { for disk in disks { try disk.flush() } }
         for disk in disks { disk.deactivate() }
     }
 

@@ -41,6 +41,9 @@ final class OutgoingBlockSection: OutgoingLiveSection {
     private var extents: [Range<UInt64>?]
     private var transferred: UInt64 = 0
     private var total: UInt64 = 0
+    /// Bytes of block records written to the stream (what `transferred` cost on the wire).
+    private var streamBytes: UInt64 = 0
+    private let backgroundFlush = BackgroundFlush()
     /// With TERN_TEST_DROP_DIRTY_BLOCK=1 one chunk the guest wrote after the last pass read it
     /// is left out of the final copy, so a test can prove that the guest's disk check catches
     /// a lost block.
@@ -74,7 +77,12 @@ final class OutgoingBlockSection: OutgoingLiveSection {
     var passComplete: Bool { cursor >= work.count }
 
     func beginPass() throws(MigrationStreamError) -> UInt64 {
-        guard mode != .shared else { return 0 }
+        guard mode != .shared else {
+            // Write back what the guest wrote so far while it runs, so the flush inside the
+            // stop has only the last moments to write.
+            backgroundFlush.start(disks)
+            return 0
+        }
         work.removeAll(keepingCapacity: true)
         cursor = 0
         passNumber += 1
@@ -132,7 +140,10 @@ final class OutgoingBlockSection: OutgoingLiveSection {
             if let error = stream.error { throw error }
         }
         do {
-            try machine.flushAndDeactivateDisks()
+            // Shared storage: what the guest wrote must be on the image before the destination
+            // reads it. A copy (blk/inc) already carries it; the source's image only has to be
+            // let go. Earlier flushes (beginPass) leave little for this one, inside the stop.
+            try machine.flushAndDeactivateDisks(flush: mode == .shared)
         } catch {
             throw MigrationStreamError("flushing the disks before the handover failed: \(error)")
         }
@@ -142,7 +153,7 @@ final class OutgoingBlockSection: OutgoingLiveSection {
         guard mode != .shared else { return }
         let remaining = pending.beforeSwitchover
         statistics.disk = DiskMigrationStatistics(transferred: transferred, remaining: remaining,
-                                                  total: max(total, transferred + remaining))
+                                                  total: max(total, transferred + remaining), streamBytes: streamBytes)
     }
 
     func cleanup() {
@@ -167,6 +178,7 @@ final class OutgoingBlockSection: OutgoingLiveSection {
             }
             writeZero(stream, disk: diskIndex, offset: offset, length: end - offset)
             transferred += end - offset
+            streamBytes += 21
             return 21
         }
         cursor += 1
@@ -181,6 +193,7 @@ final class OutgoingBlockSection: OutgoingLiveSection {
         transferred += length
         if zeroBlocks && isZero(buffer, count: Int(length)) {
             writeZero(stream, disk: diskIndex, offset: offset, length: length)
+            streamBytes += 21
             return 21
         }
         stream.record { writer in
@@ -190,6 +203,7 @@ final class OutgoingBlockSection: OutgoingLiveSection {
             writer.append(UInt32(length))
             writer.append(memory: buffer, count: Int(length))
         }
+        streamBytes += 17 + length
         return 17 + length
     }
 
@@ -220,6 +234,28 @@ final class OutgoingBlockSection: OutgoingLiveSection {
         let words = pointer.bindMemory(to: UInt64.self, capacity: count / 8)
         for index in 0..<(count / 8) where words[index] != 0 { return false }
         return true
+    }
+}
+
+/// One flush of the images at a time on a thread of its own, while the guest runs.
+final class BackgroundFlush: @unchecked Sendable {
+    // @unchecked: `running` is only touched under `lock`.
+    private let lock = NSLock()
+    private var running = false
+
+    func start(_ disks: [DiskImage]) {
+        lock.lock()
+        defer { lock.unlock() }
+        guard !running, !disks.isEmpty else { return }
+        running = true
+        let thread = Thread { [self] in
+            for disk in disks { try? disk.flush() }
+            lock.lock()
+            running = false
+            lock.unlock()
+        }
+        thread.name = "disk-flush"
+        thread.start()
     }
 }
 
@@ -304,10 +340,10 @@ final class IncomingBlockSection: IncomingLiveSection {
         }
     }
 
+    /// The copy stays in the page cache, like any write through a writeback cache: flushing a
+    /// whole image here would hold the guest stopped for it, and the guest's own FLUSH
+    /// requests make its data durable when it asks (cache=none or writethrough write through).
     func finish() throws(MigrationStreamError) {
         guard mode != nil else { throw MigrationStreamError("the block section was never set up") }
-        for disk in disks {
-            do { try disk.flush() } catch { throw MigrationStreamError("flushing '\(disk.path)' failed: \(error)") }
-        }
     }
 }

@@ -117,8 +117,11 @@ import Glibc
 #endif
 
 /// query-migrate's `disk`: bytes of disk sent, still to send, and the total to send.
+/// tern adds `streamBytes`: what the block records took on the stream (holes and, with
+/// zero-blocks, zero chunks count in `transferred` but cost a few bytes each).
 public struct DiskMigrationStatistics: Equatable, Sendable {
     public var transferred: UInt64
     public var remaining: UInt64
     public var total: UInt64
+    public var streamBytes: UInt64
 }

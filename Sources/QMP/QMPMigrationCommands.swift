@@ -199,7 +199,7 @@ extension QMPStandardCommands {
 
     static func diskInfo(_ disk: DiskMigrationStatistics) -> JSONValue {
         ["transferred": .int(Int64(clamping: disk.transferred)), "remaining": .int(Int64(clamping: disk.remaining)),
-         "total": .int(Int64(clamping: disk.total))]
+         "total": .int(Int64(clamping: disk.total)), "x-stream-bytes": .int(Int64(clamping: disk.streamBytes))]
     }
 
     static func forecastInfo(_ forecast: MigrationForecast) -> JSONValue {
