@@ -125,6 +125,17 @@ struct VirtioBlockTests {
         #expect(f.image.writes.takeDirty() == [1], "sector 200 is in the second 64 KiB chunk")
     }
 
+    @Test("a driver that sets VIRTQ_AVAIL_F_NO_INTERRUPT polls: no interrupt, no status bit")
+    func noInterrupt() throws {
+        let f = try Fixture()
+        f.initialise()
+        try f.memory.store(UInt16(1), at: GuestAddress(VirtioBlockTests.available))
+        #expect(try f.request(type: 0, sector: 0, length: 512, dataFlags: 2) == 0)
+        #expect(f.usedIndex == 1)
+        #expect(f.events.interrupts.withLock { $0 } == 0)
+        #expect(f.reg(0x060) == 0)
+    }
+
     @Test("requests past the end, of partial sectors, or writes to a read-only disk get IOERR")
     func refusedRequests() throws {
         let f = try Fixture()

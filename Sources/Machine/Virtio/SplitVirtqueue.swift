@@ -73,6 +73,12 @@ struct SplitVirtqueue: Equatable {
         }
     }
 
+    /// Whether the driver asked for no used-buffer notifications (VIRTQ_AVAIL_F_NO_INTERRUPT):
+    /// a driver that polls the used ring saves the interrupt and its acknowledgement.
+    func interruptsSuppressed(_ memory: GuestMemory) -> Bool {
+        ((try? memory.load(UInt16.self, at: GuestAddress(availableRing))) ?? 0) & 1 != 0
+    }
+
     /// Returns a chain to the driver with the number of bytes the device wrote into it.
     mutating func pushUsed(head: UInt16, written: UInt32, _ memory: GuestMemory) throws(VirtqueueError) {
         let slot = UInt64(nextUsed % size)

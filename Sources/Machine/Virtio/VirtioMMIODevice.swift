@@ -152,6 +152,7 @@ final class VirtioMMIODevice: Sendable {
 
     private func serveQueue() {
         var used = 0
+        var notify = false
         var broken: String?
         registers.withLock { r in
             guard r.status & Status.driverOK != 0, r.status & Status.needsReset == 0, r.queue.ready else { return }
@@ -161,13 +162,16 @@ final class VirtioMMIODevice: Sendable {
                 broken = error.description
                 r.status |= Status.needsReset
                 r.interruptStatus |= 2 // a configuration change tells the driver to look at the status
-                used = 1
+                notify = true
                 return
             }
-            if used > 0 { r.interruptStatus |= 1 }
+            if used > 0 && !r.queue.interruptsSuppressed(memory) {
+                r.interruptStatus |= 1
+                notify = true
+            }
         }
         if let broken { onBrokenQueue(broken) }
-        if used > 0 { raiseInterrupt() }
+        if notify { raiseInterrupt() }
     }
 
     // MARK: saved state
