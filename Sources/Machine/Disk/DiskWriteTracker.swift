@@ -50,16 +50,8 @@ public final class DiskWriteTracker: Sendable {
     /// The chunks written since the last call (or since tracking began), which are forgotten.
     public func takeDirty() -> [Int] {
         state.withLock { state in
-            var chunks: [Int] = []
-            for (index, word) in state.dirty.enumerated() where word != 0 {
-                var bits = word
-                while bits != 0 {
-                    chunks.append(index * 64 + bits.trailingZeroBitCount)
-                    bits &= bits - 1
-                }
-                state.dirty[index] = 0
-            }
-            return chunks
+            defer { for index in state.dirty.indices { state.dirty[index] = 0 } }
+            return Self.chunks(in: state.dirty)
         }
     }
 
@@ -76,16 +68,19 @@ public final class DiskWriteTracker: Sendable {
 
     /// The chunks written since the image was opened.
     public func writtenSinceOpen() -> [Int] {
-        state.withLock { state in
-            var chunks: [Int] = []
-            for (index, word) in state.sinceOpen.enumerated() where word != 0 {
-                var bits = word
-                while bits != 0 {
-                    chunks.append(index * 64 + bits.trailingZeroBitCount)
-                    bits &= bits - 1
-                }
+        state.withLock { Self.chunks(in: $0.sinceOpen) }
+    }
+
+    /// The numbers of the set bits, in order.
+    private static func chunks(in words: [UInt64]) -> [Int] {
+        var chunks: [Int] = []
+        for (index, word) in words.enumerated() where word != 0 {
+            var bits = word
+            while bits != 0 {
+                chunks.append(index * 64 + bits.trailingZeroBitCount)
+                bits &= bits - 1
             }
-            return chunks
         }
+        return chunks
     }
 }
