@@ -58,6 +58,9 @@ async def test_multifd_migration(launch, tmp_path, channels, transport):
     assert ram["dirty-sync-count"] >= 2, f"the pages dirtied during the first pass should go again: {info}"
     assert ram["multifd-bytes"] >= ram["normal"] * 4096, f"the channels should carry every raw page: {info}"
     assert ram["transferred"] >= ram["multifd-bytes"], info
+    # mbps at completion is every byte over the total time, the channels' bytes included.
+    from_mbps = ram["mbps"] * info["total-time"] * 1000 / 8
+    assert abs(from_mbps - ram["transferred"]) <= 0.02 * ram["transferred"], f"mbps leaves bytes out: {info}"
     assert f"multifd: {channels} channels connected" in src.stderr_text(), src.diagnostics()
     await compare_and_resume(src, dst)
 

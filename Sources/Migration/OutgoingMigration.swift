@@ -351,7 +351,8 @@ final class OutgoingMigration: @unchecked Sendable {
             stats.remaining = 0
             stats.dirtyPagesRate = 0
             if let total = stats.totalTime, total > 0 {
-                stats.mbps = Double(bytesOnEarlierConnections + writer.bytesWritten) * 8 / Double(total) / 1000
+                // Every byte sent, the multifd channels' too: the same count as `transferred`.
+                stats.mbps = Double(bytesOnEarlierConnections + position) * 8 / Double(total) / 1000
             }
             machine.setStoppedState(.postmigrate)
             flushStatistics()

@@ -22,7 +22,7 @@ public enum DiskImageError: Error, CustomStringConvertible, Equatable {
             return "'\(path)' is \(size) bytes: a raw image must be a non-empty multiple of 512 bytes"
         case let .locked(path, writable):
             return writable
-                ? "Failed to get \"write\" lock on '\(path)': another process (tern or QEMU) is using the image. Is another process using the image?"
+                ? "Failed to get \"write\" lock on '\(path)': another process (tern or QEMU) is using the image"
                 : "Failed to get shared \"consistent read\" lock on '\(path)': another process is writing the image"
         case let .lockFailed(path, code):
             return "Could not lock '\(path)': \(String(cString: strerror(code)))"
