@@ -24,14 +24,34 @@ import CPageCodec
 final class FuzzDestination: MigrationTarget {
     let memory: GuestMemory
     let cpuCount = 1
-    let disks: [DiskImage] = []
-    let deviceSectionNames = ["runstate", "kvmclock", "pic/master", "pic/slave", "ioapic", "pit", "serial/com1", "i8042", "cpu/0"]
+    let disks: [DiskImage]
+    let deviceSectionNames: [String]
+    /// The image size of the destination with a disk: what scripts/fuzz-seeds.py's disk seed uses.
+    static let diskSize = 1 << 20
 
-    init() {
+    /// `withDisk`: one 1 MiB image in a temporary file, for streams with a `block` section.
+    init(withDisk: Bool = false) {
         do {
             memory = try GuestMemory(layout: GuestMemoryLayout(ramSize: MachineConfiguration.minimumMemorySize))
+            if withDisk {
+                let path = FileManager.default.temporaryDirectory.appendingPathComponent("tern-fuzz-disk-\(getpid()).img").path
+                FileManager.default.createFile(atPath: path, contents: Data(count: Self.diskSize))
+                disks = [try DiskImage(DriveConfiguration(path: path, id: "fuzz"), active: false)]
+            } else {
+                disks = []
+            }
         } catch {
-            fatalError("tern-fuzz: cannot create guest memory: \(error)") // the harness itself, not an input
+            fatalError("tern-fuzz: cannot create the destination: \(error)") // the harness itself, not an input
+        }
+        deviceSectionNames = ["runstate", "kvmclock", "pic/master", "pic/slave", "ioapic", "pit", "serial/com1", "i8042"]
+            + (withDisk ? ["virtio-blk/0"] : []) + ["cpu/0"]
+    }
+
+    /// A block record that wrote past the image's end would have grown the file.
+    func checkDiskUnharmed() {
+        for disk in disks {
+            let size = (try? FileManager.default.attributesOfItem(atPath: disk.path)[.size] as? Int) ?? -1
+            if size != Self.diskSize { fatalError("tern-fuzz: the disk image is now \(size) bytes: a write ran past its end") }
         }
     }
 
@@ -52,6 +72,7 @@ let selectedTarget: FuzzTarget = {
     return target
 }()
 nonisolated(unsafe) let destination = FuzzDestination()
+nonisolated(unsafe) let diskDestination = FuzzDestination(withDisk: true)
 let verbose = ProcessInfo.processInfo.environment["TERN_FUZZ_VERBOSE"] != nil
 
 @main
@@ -99,7 +120,10 @@ func fuzzStream(_ bytes: [UInt8]) {
     // mutated seeds of every kind get past that check.
     let head = bytes.prefix(4096)
     let capabilities = ["xbzrle", "compress"].filter { head.firstRange(of: Array($0.utf8)) != nil }
-    let incoming = IncomingMigration(target: destination, descriptor: fd,
+    // A stream from a machine with a disk names its device section; it goes to the destination
+    // with a disk, so that the block loader is reached.
+    let target = head.firstRange(of: Array("virtio-blk/0".utf8)) != nil ? diskDestination : destination
+    let incoming = IncomingMigration(target: target, descriptor: fd,
                                      settings: IncomingSettings(capabilities: capabilities, decompressThreads: 1))
     do {
         _ = try incoming.load { _ in }
@@ -107,6 +131,7 @@ func fuzzStream(_ bytes: [UInt8]) {
     } catch {
         if verbose { print("stream: refused: \(error.message)") }
     }
+    target.checkDiskUnharmed()
 }
 
 func fuzzQMPJSON(_ bytes: [UInt8]) {
