@@ -365,3 +365,31 @@ async def test_query_block_lists_the_drives(launch, tmp_path):
     assert [b["device"] for b in blocks] == ["root", "drive-virtio-disk1"], blocks
     assert blocks[0]["inserted"]["file"] == str(first) and blocks[0]["inserted"]["ro"] is False, blocks
     assert blocks[1]["inserted"]["ro"] is True and blocks[1]["inserted"]["image"]["virtual-size"] == 8 * MiB, blocks
+
+
+@asynctest
+async def test_qemu_microvm_spelling(launch, tmp_path):
+    """QEMU's microvm spelling attaches the same disk: -drive if=none,id=ID and
+    -device virtio-blk-device,drive=ID; the guest finds it and fills it."""
+    image = make_image(tmp_path / "m.img")
+    vm = launch("vm", append="wss=8M disk=4M",
+                extra=["-drive", f"id=vd0,file={image},format=raw,if=none", "-device", "virtio-blk-device,drive=vd0"])
+    await vm.until(lambda: "tern-guest: disk filled 4 MiB" in vm.log_text(), "the guest's disk fill", 30)
+    async with session(vm) as q:
+        blocks = await execute(q, "query-block")
+    assert [b["device"] for b in blocks] == ["vd0"], blocks
+
+
+def test_bad_device_spellings(tmp_path):
+    image = make_image(tmp_path / "ok.img")
+    cases = [
+        (["-device", "virtio-blk-device,drive=nope"], "no -drive if=none,id=nope"),
+        (["-drive", f"file={image},if=none"], "if=none needs id=ID"),
+        (["-drive", f"id=a,file={image},if=none", "-device", "virtio-blk-pci,drive=a"], "no PCI bus"),
+        (["-drive", f"id=a,file={image},if=none", "-device", "virtio-blk-device,drive=a",
+          "-device", "virtio-blk-device,drive=a"], "no -drive if=none,id=a"),
+    ]
+    for extra, expected in cases:
+        result = subprocess.run([TERN_BINARY, "run", "-m", "64", "-serial", "none", *extra],
+                                capture_output=True, text=True, timeout=20)
+        assert result.returncode != 0 and expected in result.stderr, f"{extra}: {result.stderr!r}"

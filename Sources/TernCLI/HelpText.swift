@@ -93,6 +93,8 @@ public enum HelpText {
                            or QEMU) is refused. A destination of a migration gets the same
                            -drive: the same path for shared storage, or its own copy of the
                            same size for 'migrate' with blk (whole disk) or inc (written blocks).
+      -drive id=ID,file=PATH,format=raw,if=none -device virtio-blk-device,drive=ID
+                           The same, in QEMU's microvm spelling.
 
     Console:
       -serial stdio        COM1 on this terminal (the default): the guest's output, and your

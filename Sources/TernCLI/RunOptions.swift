@@ -42,6 +42,7 @@ public struct RunOptions: Equatable {
         var chardevs: [Chardev] = []
         var monitorTexts: [String] = []
         var deviceTexts: [String] = []
+        var waitingDrives: [DriveConfiguration] = []
         var serialChardev: String?
         var index = 0
         while index < arguments.count {
@@ -121,14 +122,18 @@ public struct RunOptions: Equatable {
             case "mon": monitorTexts.append(value)
             case "device": deviceTexts.append(value)
             case "drive":
-                guard configuration.drives.count < MachineConfiguration.maximumDriveCount else {
-                    throw CommandLineError("tern run: -drive \(value): tern attaches at most \(MachineConfiguration.maximumDriveCount) disks")
+                let parsed = try DriveOption.parse(value, index: configuration.drives.count + waitingDrives.count)
+                guard !(configuration.drives + waitingDrives).contains(where: { $0.id == parsed.drive.id }) else {
+                    throw CommandLineError("tern run: -drive \(value): a drive with id=\(parsed.drive.id) already exists")
                 }
-                let drive = try DriveOption.parse(value, index: configuration.drives.count)
-                guard !configuration.drives.contains(where: { $0.id == drive.id }) else {
-                    throw CommandLineError("tern run: -drive \(value): a drive with id=\(drive.id) already exists")
+                if parsed.waitsForDevice {
+                    waitingDrives.append(parsed.drive)
+                } else {
+                    guard configuration.drives.count < MachineConfiguration.maximumDriveCount else {
+                        throw CommandLineError("tern run: -drive \(value): tern attaches at most \(MachineConfiguration.maximumDriveCount) disks")
+                    }
+                    configuration.drives.append(parsed.drive)
                 }
-                configuration.drives.append(drive)
             case "pidfile": pidFile = value
             case "uuid": configuration.uuid = try Self.uuid(value)
             default: try Self.checkIgnorable(name, value) // -object, -overcommit, -rtc, -boot, -audiodev, -msg, ...
@@ -153,8 +158,15 @@ public struct RunOptions: Equatable {
         for text in deviceTexts {
             let context = "tern run: -device \(text)"
             let list = try QEMUOptionList(parsing: text, option: "device", impliedKey: "driver")
+            if list.implied == "virtio-blk-device" {
+                try DriveOption.attach(list, text: text, waiting: &waitingDrives, to: &configuration.drives)
+                continue
+            }
+            if list.implied == "virtio-blk-pci" {
+                throw CommandLineError("\(context): tern has no PCI bus; its disks are virtio-blk-device on virtio-mmio (-device virtio-blk-device,drive=ID, or -drive ...,if=virtio)")
+            }
             guard list.implied == "isa-serial" else {
-                throw CommandLineError("\(context): tern has no '\(list.implied ?? "")' device (the one device it adds on request is isa-serial, COM1)")
+                throw CommandLineError("\(context): tern has no '\(list.implied ?? "")' device (the devices it adds on request are isa-serial, COM1, and virtio-blk-device)")
             }
             try list.check(known: ["chardev", "id", "index", "iobase", "irq"], option: "device", text: text)
             guard (list["index"] ?? "0") == "0", (list["iobase"].map { ["0x3f8", "1016"].contains($0.lowercased()) } ?? true),
