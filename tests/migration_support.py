@@ -29,6 +29,7 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 import tempfile
 import time
 from pathlib import Path
@@ -301,6 +302,123 @@ V1_RAM_LAYOUT, V1_RAM_PAGES, V1_RAM_ZERO, V1_PASS_END, V1_DEVICE, V1_SOURCE_STOP
 
 
 # ----- CRC32C (Castagnoli), as tern's cpage_crc32c -------------------------------------------
+
+class LinkProxy:
+    """A TCP proxy on 127.0.0.1 between a migration source and its destination: every
+    connection accepted is forwarded, both ways, to `target_port`. Connections are numbered in
+    the order they arrive (0: the main stream, then multifd channels...).
+
+    - `cut()` breaks the link: both sockets of every connection are shut down and closed at
+      once, and nothing more is accepted.
+    - `cut_after=(n, bytes)`: once connection n has carried `bytes` towards the destination,
+      that connection alone is cut; `connection_cut` is set.
+    - `hold_first=(n, bytes)`: the first `bytes` connection n sends towards the destination are
+      held and delivered in one write, so the destination reads them together (a channel's
+      header and its first records in one read)."""
+
+    def __init__(self, target_port: int, *, cut_after: Optional[tuple[int, int]] = None,
+                 hold_first: Optional[tuple[int, int]] = None):
+        self.target_port = target_port
+        self.cut_after, self.hold_first = cut_after, hold_first
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.sockets: list[socket.socket] = []
+        self.threads: list[threading.Thread] = []
+        self.forwarded = {"to-destination": 0, "to-source": 0}
+        self.connections = 0
+        self.is_cut = False
+        self.connection_cut = threading.Event()
+        self.held_delivered = threading.Event()
+        accept = threading.Thread(target=self._accept, name="proxy-accept", daemon=True)
+        accept.start()
+        self.threads.append(accept)
+
+    @property
+    def uri(self) -> str:
+        return f"tcp:127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=STEP)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                if self.is_cut:
+                    client.close()
+                    upstream.close()
+                    return
+                number = self.connections
+                self.connections += 1
+                self.sockets += [client, upstream]
+                for source, sink, direction in ((client, upstream, "to-destination"), (upstream, client, "to-source")):
+                    pump = threading.Thread(target=self._pump, args=(source, sink, direction, number),
+                                            name=f"proxy-{direction}-{number}", daemon=True)
+                    self.threads.append(pump)
+                    pump.start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, direction: str, number: int) -> None:
+        forward = direction == "to-destination"
+        carried = 0
+        held = b""
+        hold = self.hold_first[1] if forward and self.hold_first and self.hold_first[0] == number else 0
+        while True:
+            try:
+                data = source.recv(1 << 20)
+            except OSError:
+                break
+            if not data:
+                break
+            carried += len(data)
+            if forward and self.cut_after and self.cut_after[0] == number and carried >= self.cut_after[1]:
+                self.connection_cut.set()
+                for end in (source, sink):
+                    with contextlib.suppress(OSError):
+                        end.shutdown(socket.SHUT_RDWR)
+                    end.close()
+                return
+            if hold:
+                held += data
+                if len(held) < hold:
+                    continue
+                data, held, hold = held, b"", 0
+                self.held_delivered.set()
+            try:
+                sink.sendall(data)
+            except OSError:
+                break
+            with self.lock:
+                self.forwarded[direction] += len(data)
+        # One side ended (a peer closed, or cut()): pass the end on, with anything still held.
+        with contextlib.suppress(OSError):
+            if held:
+                sink.sendall(held)
+            sink.shutdown(socket.SHUT_WR)
+
+    def cut(self) -> None:
+        with self.lock:
+            self.is_cut = True
+            sockets = list(self.sockets)
+        for sock in [self.listener] + sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in self.threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=2)
+        for sock in [self.listener] + sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
 
 def _crc32c_table() -> list[int]:
     table = []

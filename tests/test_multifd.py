@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from migration_support import UNLIMITED, asynctest, execute, execute_error, session, skip_reason, wait_status
+from migration_support import LinkProxy, UNLIMITED, asynctest, execute, execute_error, session, skip_reason, wait_status
 from test_capabilities import (  # noqa: F401 - launch is a fixture
     Watch, check_completed, compare_and_resume, run_migration, set_capabilities,
 )
@@ -115,70 +115,24 @@ async def test_multifd_only_on_one_side(launch):
     assert await dst.wait_exit(timeout=10) == 1, dst.diagnostics()
 
 
-class ChannelCutter:
-    """A TCP proxy that forwards every connection to `target_port` and, once connection number
-    `victim` (0: the main stream, 1: the first channel, ...) has carried `after` bytes towards the
-    destination, cuts that one connection only."""
-
-    def __init__(self, target_port: int, victim: int, after: int):
-        self.target_port, self.victim, self.after = target_port, victim, after
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.port = self.listener.getsockname()[1]
-        self.cut = threading.Event()
-        self.connections: list[tuple[socket.socket, socket.socket]] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            number = len(self.connections)
-            self.connections.append((client, upstream))
-            threading.Thread(target=self._pump, args=(client, upstream, number, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, number, False), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket, number: int, forward: bool) -> None:
-        carried = 0
-        while True:
-            try:
-                data = source.recv(1 << 16)
-            except OSError:
-                break
-            if not data:
-                break
-            carried += len(data)
-            if forward and number == self.victim and carried >= self.after:
-                self.cut.set()
-                for end in (source, sink):
-                    try:
-                        end.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-                    end.close()
-                return
-            try:
-                sink.sendall(data)
-            except OSError:
-                break
-        try:
-            sink.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.listener.close()
-        for pair in self.connections:
-            for end in pair:
-                try:
-                    end.close()
-                except OSError:
-                    pass
+@asynctest
+async def test_multifd_channel_header_and_records_in_one_read(launch):
+    """A channel's 24-byte header and its first records arrive in one read (the proxy holds the
+    channel's first 256 KiB and delivers them at once): the destination must not lose what came
+    after the header. (The bug the throughput benchmark once found.)"""
+    port = int(tcp_uri().rsplit(":", 1)[1])
+    dst = await multifd_destination(launch, f"tcp:127.0.0.1:{port}", 2, paused=True)
+    proxy = LinkProxy(port, hold_first=(1, 256 << 10))
+    src = launch("src", append=DIRTYING)
+    try:
+        async with session(src) as s:
+            info = await run_migration(s, src, proxy.uri, bandwidth=UNLIMITED, capabilities=["multifd"],
+                                       parameters={"multifd-channels": 2})
+            await check_completed(s, src, info)
+        assert proxy.held_delivered.is_set(), "the proxy never delivered a held 256 KiB at once"
+    finally:
+        proxy.cut()
+    await compare_and_resume(src, dst)
 
 
 @asynctest
@@ -188,14 +142,14 @@ async def test_multifd_channel_dropped(launch):
     port = int(tcp_uri().rsplit(":", 1)[1])
     dst = await multifd_destination(launch, f"tcp:127.0.0.1:{port}", 2)
     dst.expect_exit = True
-    cutter = ChannelCutter(port, victim=2, after=4 * MiB)
+    cutter = LinkProxy(port, cut_after=(2, 4 * MiB))
     src = launch("src", append=DIRTYING)
     try:
         async with session(src) as s:
             info = await run_migration(s, src, f"tcp:127.0.0.1:{cutter.port}", bandwidth=32 * MiB,
                                        capabilities=["multifd"], parameters={"multifd-channels": 2}, timeout=30,
                                        wanted=("failed",))
-            assert cutter.cut.is_set(), "the proxy never cut the channel"
+            assert cutter.connection_cut.is_set(), "the proxy never cut the channel"
             desc = info.get("error-desc", "")
             assert "multifd channel" in desc or "destination" in desc, info
             await wait_status(s, src, "running")
@@ -203,7 +157,7 @@ async def test_multifd_channel_dropped(launch):
             await src.wait_passes(2, after=seen, timeout=10)
             src.assert_healthy()
     finally:
-        cutter.close()
+        cutter.cut()
     assert await dst.wait_exit(timeout=15) == 1, dst.diagnostics()
     assert "multifd channel" in dst.stderr_text(), dst.diagnostics()
 

@@ -42,6 +42,7 @@ from typing import Callable, Optional
 import pytest
 
 from migration_support import (
+    LinkProxy,
     EventLog,
     CONFIGURATION, END, PING, RP_FAILED, RP_LOADED, RP_PONG, RP_REQ_PAGES, SLOW, STEP, UNLIMITED, VM,
     StreamFollower, asynctest, execute, execute_error, free_tcp_port, request_pages, return_path_message,
@@ -495,86 +496,6 @@ async def test_cancel_refused_during_postcopy(launch):
 
 
 # ----- a broken link, a dead source ----------------------------------------------------------
-
-class LinkProxy:
-    """A TCP proxy on 127.0.0.1 between a migration source and its destination: every
-    connection accepted is forwarded, both ways, to `target_port`. `cut()` breaks the link:
-    both sockets of every connection are shut down and closed at once, and nothing more is
-    accepted."""
-
-    def __init__(self, target_port: int):
-        self.target_port = target_port
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(4)
-        self.port = self.listener.getsockname()[1]
-        self.lock = threading.Lock()
-        self.sockets: list[socket.socket] = []
-        self.threads: list[threading.Thread] = []
-        self.forwarded = {"to-destination": 0, "to-source": 0}
-        self.is_cut = False
-        accept = threading.Thread(target=self._accept, name="proxy-accept", daemon=True)
-        accept.start()
-        self.threads.append(accept)
-
-    @property
-    def uri(self) -> str:
-        return f"tcp:127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=STEP)
-                upstream.settimeout(None)
-            except OSError:
-                client.close()
-                continue
-            with self.lock:
-                if self.is_cut:
-                    client.close()
-                    upstream.close()
-                    return
-                self.sockets += [client, upstream]
-                for source, sink, direction in ((client, upstream, "to-destination"), (upstream, client, "to-source")):
-                    pump = threading.Thread(target=self._pump, args=(source, sink, direction),
-                                            name=f"proxy-{direction}", daemon=True)
-                    self.threads.append(pump)
-                    pump.start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket, direction: str) -> None:
-        while True:
-            try:
-                data = source.recv(1 << 20)
-                if not data:
-                    break
-                sink.sendall(data)
-            except OSError:
-                break
-            with self.lock:
-                self.forwarded[direction] += len(data)
-        # One side ended (a peer closed, or cut()): pass the end on.
-        with contextlib.suppress(OSError):
-            sink.shutdown(socket.SHUT_WR)
-
-    def cut(self) -> None:
-        with self.lock:
-            self.is_cut = True
-            sockets = list(self.sockets)
-        for sock in [self.listener] + sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        for thread in self.threads:
-            if thread is not threading.current_thread():
-                thread.join(timeout=2)
-        for sock in [self.listener] + sockets:
-            with contextlib.suppress(OSError):
-                sock.close()
-
 
 @pytest.mark.parametrize("destination", ["running", "paused"])
 @asynctest
