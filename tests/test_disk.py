@@ -393,3 +393,42 @@ def test_bad_device_spellings(tmp_path):
         result = subprocess.run([TERN_BINARY, "run", "-m", "64", "-serial", "none", *extra],
                                 capture_output=True, text=True, timeout=20)
         assert result.returncode != 0 and expected in result.stderr, f"{extra}: {result.stderr!r}"
+
+
+@asynctest
+async def test_destination_without_the_disk_refuses(launch, tmp_path):
+    """A destination started without the source's -drive refuses the stream at its
+    configuration, naming the disk's device section; the source's guest runs on."""
+    image = make_image(tmp_path / "src.img", data={0: os.urandom(MiB)})
+    uri = tcp_uri()
+    src = launch("src", append="wss=16M", extra=drive(image))
+    dst = launch("dst", incoming="defer")
+    dst.expect_exit = True
+    async with session(dst) as d:
+        await execute(d, "migrate-incoming", {"uri": uri})
+    async with session(src) as s:
+        await src.wait_passes(1)
+        info = await migrate(s, uri, blk=True)
+        assert info["status"] == "failed", info
+        await wait_status(s, src, "running")
+    assert "virtio-blk/0" in dst.stderr_text() + info.get("error-desc", ""), dst.diagnostics()
+
+
+@asynctest
+async def test_blk_save_and_restore_through_a_file(launch, tmp_path):
+    """`migrate exec:cat > FILE` with blk saves the disk with the VM; a new tern restores both
+    from the file into an empty image, and its guest reads back every block."""
+    source_image = make_image(tmp_path / "src.img")
+    target_image = make_image(tmp_path / "dst.img")
+    saved = tmp_path / "vm.state"
+    src = launch("src", append=DISK_APPEND, extra=drive(source_image))
+    async with session(src) as s:
+        await src.until(lambda: len(disk_passes(src)) >= 1, "the source guest's first disk pass line", 30)
+        info = await migrate(s, f"exec:cat > {saved}", blk=True)
+        assert info["status"] == "completed", info
+    dst = launch("dst", append=DISK_APPEND, incoming=f"exec:cat {saved}", extra=drive(target_image), paused=True)
+    async with session(dst) as d:
+        await wait_status(d, dst, "paused", timeout=20)
+    assert digest(source_image) == digest(target_image), "the restored image differs from the saved one"
+    await resume_destination(dst)
+    await guest_check_passes_on(dst)
