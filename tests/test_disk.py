@@ -432,3 +432,27 @@ async def test_blk_save_and_restore_through_a_file(launch, tmp_path):
     assert digest(source_image) == digest(target_image), "the restored image differs from the saved one"
     await resume_destination(dst)
     await guest_check_passes_on(dst)
+
+
+@asynctest
+async def test_inc_chains_through_a_second_migration(launch, tmp_path):
+    """A -> B with inc, then B -> C with inc, all three holding the same base: what A's guest
+    wrote reached B by migration, and counts as written there, so C's image ends equal too."""
+    base = os.urandom(8 * MiB)
+    images = [make_image(tmp_path / f"{name}.img", data={32 * MiB: base}) for name in "abc"]
+    a = launch("a", append=DISK_APPEND, extra=drive(images[0]))
+    first, second = tcp_uri(), tcp_uri()
+    b = await destination(launch, first, images[1], label="b")
+    async with session(a) as s:
+        await a.until(lambda: len(disk_passes(a)) >= 1, "A's first disk pass line", 30)
+        info = await migrate(s, first, inc=True)
+        assert info["status"] == "completed", info
+    c = await destination(launch, second, images[2], label="c", paused=True)
+    async with session(b) as s:
+        await wait_status(s, b, "running", timeout=10)
+        info = await migrate(s, second, inc=True)
+        assert info["status"] == "completed", info
+        assert info["disk"]["transferred"] >= 16 * MiB, f"B should send on what it received from A: {info}"
+    assert digest(images[1]) == digest(images[2]), "C's image differs from B's after the second inc migration"
+    await resume_destination(c)
+    await guest_check_passes_on(c)

@@ -323,7 +323,9 @@ final class IncomingBlockSection: IncomingLiveSection {
                     }
                     let data = try body.take(Int(length), "block data")
                     try body.finish("a block data record")
-                    try disk.load(offset: offset, from: data.baseAddress!, count: Int(length))
+                    // Recorded as written: what arrived here differs from the base too, so a
+                    // later `inc` migration from this destination sends it on.
+                    try disk.write(offset: offset, from: data.baseAddress!, count: Int(length))
                 } else {
                     try body.finish("a block zero record")
                     try disk.zero(offset: offset, length: length)

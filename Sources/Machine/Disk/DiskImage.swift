@@ -101,14 +101,10 @@ public final class DiskImage: Sendable {
         writes.markWritten(offset: offset, length: UInt64(count))
     }
 
-    /// Writes without marking anything written: a block migration's destination filling its copy.
-    public func load(offset: UInt64, from buffer: UnsafeRawPointer, count: Int) throws(DiskImageError) {
-        try transfer(offset: offset, buffer: UnsafeMutableRawPointer(mutating: buffer), count: count, write: true)
-    }
-
     /// Makes `length` bytes at `offset` read as zeros: a hole where the file system can punch
-    /// one, written zeros otherwise.
+    /// one, written zeros otherwise. Recorded as written, like `write`.
     public func zero(offset: UInt64, length: UInt64) throws(DiskImageError) {
+        defer { writes.markWritten(offset: offset, length: length) }
         if cdisk_punch_hole(descriptor, offset, length) == 0 { return }
         let step = 64 << 10
         let zeros = UnsafeMutableRawPointer.allocate(byteCount: step, alignment: 4096)
