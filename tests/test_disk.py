@@ -456,3 +456,25 @@ async def test_inc_chains_through_a_second_migration(launch, tmp_path):
     assert digest(images[1]) == digest(images[2]), "C's image differs from B's after the second inc migration"
     await resume_destination(c)
     await guest_check_passes_on(c)
+
+
+@asynctest
+async def test_postcopy_with_shared_storage(launch, tmp_path):
+    """Postcopy with a shared disk: the source flushes and lets the image go inside the
+    switchover, before the destination's guest runs, so the destination takes the lock, runs
+    while its RAM follows, and its guest reads back every block the source's guest wrote."""
+    from test_postcopy import listen_for_postcopy, prepare_source, reach_postcopy
+    image = make_image(tmp_path / "shared.img")
+    uri = tcp_uri()
+    append = "wss=32M rate=32M disk=8M disk-rate=4M"
+    src = launch("src", append=append, extra=drive(image))
+    dst = launch("dst", append=append, incoming="defer", extra=drive(image))
+    async with session(src) as s, session(dst) as d:
+        await listen_for_postcopy(d, dst, uri)
+        await src.until(lambda: len(disk_passes(src)) >= 1, "the source guest's first disk pass line", 30)
+        await prepare_source(s, src, bandwidth=16 * MiB)
+        await reach_postcopy(s, d, src, dst, uri)
+        info = await wait_migration(s, src, wanted=("completed",), timeout=60)
+        assert info["status"] == "completed", info
+        await wait_status(d, dst, "running", timeout=10)
+    await guest_check_passes_on(dst)
