@@ -9,12 +9,9 @@ extension Machine {
             for access in 0..<count {
                 let offset = access * size
                 if isWrite {
-                    var value: UInt32 = 0
-                    for byte in (0..<size).reversed() { value = value << 8 | UInt32(data[offset + byte]) }
-                    bus.write(port: port, size: size, value: value)
+                    bus.write(port: port, size: size, value: UInt32(truncatingIfNeeded: loadLittleEndian(data, at: offset, size: size)))
                 } else {
-                    let value = bus.read(port: port, size: size)
-                    for byte in 0..<size { data[offset + byte] = UInt8(truncatingIfNeeded: value >> (8 * byte)) }
+                    storeLittleEndian(UInt64(bus.read(port: port, size: size)), into: data, at: offset, size: size)
                 }
             }
             return .resume
@@ -26,12 +23,9 @@ extension Machine {
             }
             let offset = address - device.base
             if isWrite {
-                var value: UInt64 = 0
-                for byte in (0..<data.count).reversed() { value = value << 8 | UInt64(data[byte]) }
-                device.write(offset: offset, size: data.count, value: value)
+                device.write(offset: offset, size: data.count, value: loadLittleEndian(data, at: 0, size: data.count))
             } else {
-                let value = device.read(offset: offset, size: data.count)
-                for byte in 0..<data.count { data[byte] = UInt8(truncatingIfNeeded: value >> (8 * byte)) }
+                storeLittleEndian(device.read(offset: offset, size: data.count), into: data, at: 0, size: data.count)
             }
             return .resume
         case .interrupted:
@@ -84,4 +78,15 @@ extension Machine {
         return "RIP \(hex(regs.rip)) RSP \(hex(regs.rsp)) RFLAGS \(hex(regs.rflags)) CPL \(sregs.cs.selector & 3) "
             + "CR0 \(hex(sregs.cr0)) CR3 \(hex(sregs.cr3)) CR4 \(hex(sregs.cr4)) EFER \(hex(sregs.efer))"
     }
+}
+
+/// The value of `size` bytes of an exit's data (x86 is little-endian), and the reverse.
+private func loadLittleEndian(_ data: UnsafeMutableRawBufferPointer, at offset: Int, size: Int) -> UInt64 {
+    var value: UInt64 = 0
+    for byte in (0..<size).reversed() { value = value << 8 | UInt64(data[offset + byte]) }
+    return value
+}
+
+private func storeLittleEndian(_ value: UInt64, into data: UnsafeMutableRawBufferPointer, at offset: Int, size: Int) {
+    for byte in 0..<size { data[offset + byte] = UInt8(truncatingIfNeeded: value >> (8 * byte)) }
 }
