@@ -36,14 +36,14 @@ extension Machine {
     /// The saved-state section names of the disks' devices.
     var diskSectionNames: [String] { disks.indices.map { "virtio-blk/\($0)" } }
 
+    /// Each disk's section: its image size (so a destination with another size says so), then
+    /// the transport's registers.
     func saveDiskState() -> [StateSection] {
-        virtioDevices.enumerated().map { index, device in
-            var section = device.saveState(name: "virtio-blk/\(index)")
-            // The capacity goes along, so a destination with another image size says so.
+        zip(disks, virtioDevices).enumerated().map { index, pair in
             var writer = StateWriter()
-            writer.append(disks[index].size)
-            section.payload = writer.bytes + section.payload
-            return section
+            writer.append(pair.0.size)
+            pair.1.encodeState(into: &writer)
+            return StateSection(name: diskSectionNames[index], version: Self.machineSectionVersion, payload: writer.bytes)
         }
     }
 
@@ -51,16 +51,14 @@ extension Machine {
     func decodeDiskState(_ byName: [String: StateSection]) throws(StateLoadError) -> [VirtioMMIODevice.Registers] {
         var decoded: [VirtioMMIODevice.Registers] = []
         for (index, name) in diskSectionNames.enumerated() {
-            guard let section = byName[name], section.payload.count >= 8 else {
-                throw StateLoadError("section '\(name)' is missing or truncated")
-            }
-            var reader = StateReader(section)
+            guard let section = byName[name] else { throw StateLoadError("section '\(name)' is missing") }
+            var reader = try StateReader(section, version: Self.machineSectionVersion)
             let size = try reader.read(UInt64.self)
             guard size == disks[index].size else {
                 throw StateLoadError("disk \(index): the source's image is \(size) bytes, this destination's '\(disks[index].path)' is \(disks[index].size) bytes")
             }
-            let rest = StateSection(name: name, version: section.version, payload: Array(section.payload.dropFirst(8)))
-            decoded.append(try VirtioMMIODevice.decodeState(rest))
+            decoded.append(try VirtioMMIODevice.decodeState(from: &reader))
+            try reader.finish()
         }
         return decoded
     }

@@ -190,15 +190,23 @@ struct VirtioBlockTests {
         f.initialise()
         try f.memory.write([UInt8](repeating: 0xab, count: 512), at: GuestAddress(VirtioBlockTests.data))
         #expect(try f.request(type: 1, sector: 1, length: 512, dataFlags: 0) == 0)
-        let saved = f.device.saveState(name: "virtio-blk/0")
-        let registers = try VirtioMMIODevice.decodeState(saved)
+        var writer = StateWriter()
+        f.device.encodeState(into: &writer)
+        let saved = StateSection(name: "virtio-blk/0", version: 1, payload: writer.bytes)
+        func decode(_ section: StateSection) throws -> VirtioMMIODevice.Registers {
+            var reader = StateReader(section)
+            let registers = try VirtioMMIODevice.decodeState(from: &reader)
+            try reader.finish()
+            return registers
+        }
+        let registers = try decode(saved)
         #expect(registers.queue.nextAvailable == 1 && registers.queue.nextUsed == 1 && registers.status == 15)
         var truncated = saved
         truncated.payload.removeLast()
-        #expect(throws: StateLoadError.self) { try VirtioMMIODevice.decodeState(truncated) }
+        #expect(throws: StateLoadError.self) { try decode(truncated) }
         var badSize = saved
         badSize.payload[32] = 0; badSize.payload[33] = 0 // queue size 0
-        #expect(throws: StateLoadError.self) { try VirtioMMIODevice.decodeState(badSize) }
+        #expect(throws: StateLoadError.self) { try decode(badSize) }
     }
 
     @Test("the image lock refuses a second writer and a reader beside a writer, not two readers")

@@ -176,9 +176,9 @@ final class VirtioMMIODevice: Sendable {
 
     // MARK: saved state
 
-    func saveState(name: String) -> StateSection {
+    /// Appends the registers to a saved-state payload.
+    func encodeState(into writer: inout StateWriter) {
         let r = registers.withLock { $0 }
-        var writer = StateWriter()
         writer.append(r.status)
         writer.append(r.deviceFeatureSelect)
         writer.append(r.driverFeatures)
@@ -193,12 +193,10 @@ final class VirtioMMIODevice: Sendable {
         writer.append(r.queue.usedRing)
         writer.append(r.queue.nextAvailable)
         writer.append(r.queue.nextUsed)
-        return StateSection(name: name, version: 1, payload: writer.bytes)
     }
 
     /// Decodes saved registers, checking what the device relies on; applies nothing.
-    static func decodeState(_ section: StateSection) throws(StateLoadError) -> Registers {
-        var reader = try StateReader(section, version: 1)
+    static func decodeState(from reader: inout StateReader) throws(StateLoadError) -> Registers {
         var r = Registers()
         r.status = try reader.read(UInt32.self)
         r.deviceFeatureSelect = try reader.read(UInt32.self)
@@ -214,9 +212,8 @@ final class VirtioMMIODevice: Sendable {
         r.queue.usedRing = try reader.read(UInt64.self)
         r.queue.nextAvailable = try reader.read(UInt16.self)
         r.queue.nextUsed = try reader.read(UInt16.self)
-        try reader.finish()
         guard (1...SplitVirtqueue.maximumSize).contains(r.queue.size), ready <= 1 else {
-            throw StateLoadError("section '\(section.name)': queue size \(r.queue.size) or ready flag \(ready) is invalid")
+            throw StateLoadError("section '\(reader.section)': queue size \(r.queue.size) or ready flag \(ready) is invalid")
         }
         r.queue.ready = ready == 1
         return r
@@ -230,7 +227,4 @@ final class VirtioMMIODevice: Sendable {
     func apply(_ saved: Registers) {
         registers.withLock { $0 = saved }
     }
-
-    /// Whether the driver has finished setting up the device (for the log and tests).
-    var driverReady: Bool { registers.withLock { $0.status & Status.driverOK != 0 } }
 }
