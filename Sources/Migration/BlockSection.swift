@@ -34,7 +34,7 @@ final class OutgoingBlockSection: OutgoingLiveSection {
     /// The current pass's chunks per disk, in order, and where the pass has got to.
     private var work: [(disk: Int, chunk: Int)] = []
     private var cursor = 0
-    private var firstPassBuilt = false
+    /// Passes begun so far; the first (1) is the whole image or what was written since open.
     private var passNumber = 0
     private var buffer: UnsafeMutableRawPointer
     /// Per disk: the data extent last looked up, so holes are found without a call per chunk.
@@ -86,8 +86,7 @@ final class OutgoingBlockSection: OutgoingLiveSection {
         work.removeAll(keepingCapacity: true)
         cursor = 0
         passNumber += 1
-        if !firstPassBuilt {
-            firstPassBuilt = true
+        if passNumber == 1 {
             for (index, disk) in disks.enumerated() {
                 // The tracker was cleared when tracking began: writes since then are in this pass.
                 _ = disk.writes.takeDirty()
@@ -120,7 +119,7 @@ final class OutgoingBlockSection: OutgoingLiveSection {
 
     var pending: PendingBytes {
         guard mode != .shared else { return PendingBytes() }
-        if !firstPassBuilt {
+        if passNumber == 0 {
             // Before the first pass: all of it (blk) or what was written since open (inc).
             let first = disks.reduce(UInt64(0)) {
                 $0 + (mode == .full ? $1.size : UInt64($1.writes.writtenSinceOpen().count) * chunk)
