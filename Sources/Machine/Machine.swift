@@ -59,6 +59,9 @@ public final class Machine: @unchecked Sendable {
         guard (1...MachineConfiguration.maximumCPUCount).contains(configuration.cpuCount) else {
             throw .invalidConfiguration("-smp \(configuration.cpuCount): tern runs 1 to \(MachineConfiguration.maximumCPUCount) vCPUs")
         }
+        guard configuration.drives.count <= MachineConfiguration.maximumDriveCount else {
+            throw .invalidConfiguration("-drive: tern attaches at most \(MachineConfiguration.maximumDriveCount) disks (\(configuration.drives.count) given)")
+        }
         guard configuration.memorySize >= MachineConfiguration.minimumMemorySize else {
             throw .invalidConfiguration("-m \(configuration.memorySize >> 20)M: tern needs at least \(MachineConfiguration.minimumMemorySize >> 20) MiB")
         }

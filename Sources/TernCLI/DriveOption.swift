@@ -57,9 +57,6 @@ enum DriveOption {
         guard let index = waiting.firstIndex(where: { $0.id == id }) else {
             throw CommandLineError("\(context): no -drive if=none,id=\(id) is waiting for a device")
         }
-        guard drives.count < MachineConfiguration.maximumDriveCount else {
-            throw CommandLineError("\(context): tern attaches at most \(MachineConfiguration.maximumDriveCount) disks")
-        }
         drives.append(waiting.remove(at: index))
     }
 }

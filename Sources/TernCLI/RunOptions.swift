@@ -129,9 +129,6 @@ public struct RunOptions: Equatable {
                 if parsed.waitsForDevice {
                     waitingDrives.append(parsed.drive)
                 } else {
-                    guard configuration.drives.count < MachineConfiguration.maximumDriveCount else {
-                        throw CommandLineError("tern run: -drive \(value): tern attaches at most \(MachineConfiguration.maximumDriveCount) disks")
-                    }
                     configuration.drives.append(parsed.drive)
                 }
             case "pidfile": pidFile = value
