@@ -31,8 +31,10 @@ let package = Package(
         // zlib and zstd, for the `compress` capability's page compression.
         .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
         .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
+        // OpenSSL's libssl, for TLS on the migration channels (macros wrapped for Swift).
+        .target(name: "CTLS", linkerSettings: [.linkedLibrary("ssl"), .linkedLibrary("crypto")]),
         // Layer 3: the migration engine; it sees the machine through memory and saved state.
-        .target(name: "Migration", dependencies: ["Machine", "KVM", "CSocket", "CGuestMemory", "CPageCodec", "CZlib", "CZstd"]),
+        .target(name: "Migration", dependencies: ["Machine", "KVM", "CSocket", "CGuestMemory", "CPageCodec", "CZlib", "CZstd", "CTLS"]),
         // Layer 4: QMP, QEMU's monitor protocol, controlling the machine and migrations.
         .target(name: "QMP", dependencies: ["Migration", "Machine", "KVM", "CSocket", "CCrypto", "CProcess"]),
         // Layer 5: the command line (option parsing, help, subcommands) as a library so tests reach it.

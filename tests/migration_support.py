@@ -314,11 +314,15 @@ class LinkProxy:
       that connection alone is cut; `connection_cut` is set.
     - `hold_first=(n, bytes)`: the first `bytes` connection n sends towards the destination are
       held and delivered in one write, so the destination reads them together (a channel's
-      header and its first records in one read)."""
+      header and its first records in one read).
+    - `capture=bytes`: the first `bytes` each connection sends towards the destination are kept
+      in `captured[n]` (to check what crosses the wire, e.g. that it is encrypted)."""
 
     def __init__(self, target_port: int, *, cut_after: Optional[tuple[int, int]] = None,
-                 hold_first: Optional[tuple[int, int]] = None):
+                 hold_first: Optional[tuple[int, int]] = None, capture: int = 0):
         self.target_port = target_port
+        self.capture = capture
+        self.captured: dict[int, bytearray] = {}
         self.cut_after, self.hold_first = cut_after, hold_first
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -380,6 +384,10 @@ class LinkProxy:
             if not data:
                 break
             carried += len(data)
+            if forward and self.capture:
+                with self.lock:
+                    kept = self.captured.setdefault(number, bytearray())
+                    kept += data[:max(0, self.capture - len(kept))]
             if forward and self.cut_after and self.cut_after[0] == number and carried >= self.cut_after[1]:
                 self.connection_cut.set()
                 for end in (source, sink):

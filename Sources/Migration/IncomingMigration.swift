@@ -22,6 +22,7 @@ struct IncomingSettings {
 final class IncomingMigration {
     private let target: MigrationTarget
     private let descriptor: Int32
+    private let io: ConnectionIO
     private var reader: MigrationStreamReader
     private let settings: IncomingSettings
     /// What the controller does when postcopy starts, breaks and resumes.
@@ -59,16 +60,22 @@ final class IncomingMigration {
     /// Fault statistics once postcopy has started.
     var postcopyFaults: PostcopyFaultStatistics? { postcopy?.faultStatistics }
 
-    init(target: MigrationTarget, descriptor: Int32, settings: IncomingSettings = IncomingSettings()) {
+    /// Loads from `descriptor`, through `io` when the connection has a layer of its own (TLS).
+    init(target: MigrationTarget, descriptor: Int32, io: ConnectionIO? = nil, settings: IncomingSettings = IncomingSettings()) {
         self.target = target
         self.descriptor = descriptor
-        self.reader = MigrationStreamReader(descriptor: descriptor)
+        self.io = io ?? PlainConnectionIO(descriptor: descriptor)
+        self.reader = MigrationStreamReader(io: self.io)
         self.settings = settings
     }
 
-    convenience init(machine: Machine, descriptor: Int32, settings: IncomingSettings = IncomingSettings()) {
-        self.init(target: machine as MigrationTarget, descriptor: descriptor, settings: settings)
+    convenience init(machine: Machine, connection: MigrationConnection, settings: IncomingSettings = IncomingSettings()) {
+        self.init(target: machine as MigrationTarget, descriptor: connection.descriptor, io: connection.io, settings: settings)
         machine.waitUntilStarted() // the vCPU threads must exist to take their state
+    }
+
+    convenience init(machine: Machine, descriptor: Int32, settings: IncomingSettings = IncomingSettings()) {
+        self.init(machine: machine, connection: MigrationConnection(descriptor: descriptor), settings: settings)
     }
 
     /// Loads the whole stream. Returns the run state the source recorded.
@@ -111,7 +118,7 @@ final class IncomingMigration {
             throw MigrationStreamError("the stream does not begin with its configuration record")
         }
         let configuration = try records.withBody { (body) throws(MigrationStreamError) in try StreamConfiguration.decode(body) }
-        if configuration.returnPath && isSocket(descriptor) { returnPath = ReturnPathSender(descriptor: descriptor) }
+        if configuration.returnPath && isSocket(descriptor) { returnPath = ReturnPathSender(io: io) }
         if let mismatch = configuration.mismatch(ramSize: target.memory.size, cpuCount: target.cpuCount,
                                                  deviceSections: target.deviceSectionNames,
                                                  capabilities: settings.capabilities) {
@@ -351,9 +358,9 @@ final class IncomingMigration {
         }
     }
 
-    private func resume(on fresh: Int32, _ postcopy: PostcopyDestination) throws(MigrationStreamError) {
+    private func resume(on fresh: MigrationConnection, _ postcopy: PostcopyDestination) throws(MigrationStreamError) {
         bytesOnEarlierConnections += records.bytesRead
-        reader = MigrationStreamReader(descriptor: fresh)
+        reader = MigrationStreamReader(io: fresh.io)
         let magic = try reader.readBytes(MigrationStreamFormat.magic.count)
         let version = try reader.read(UInt32.self)
         guard magic == MigrationStreamFormat.magic, version == MigrationStreamFormat.version else {
@@ -371,8 +378,8 @@ final class IncomingMigration {
         guard ramSize == target.memory.size, UInt64(pageSize) == MigrationStreamFormat.pageSize else {
             throw MigrationStreamError("the resuming source has \(ramSize >> 20) MiB of RAM in \(pageSize)-byte pages; this guest has \(target.memory.size >> 20) MiB")
         }
-        limitReceiveQueue(fresh)
-        let sender = ReturnPathSender(descriptor: fresh)
+        limitReceiveQueue(fresh.descriptor)
+        let sender = ReturnPathSender(io: fresh.io)
         returnPath = sender
         postcopy.reconnected(sender)
         let runs = postcopy.lackingRuns()
@@ -393,8 +400,8 @@ struct IncomingPostcopyHooks {
     /// The device state is loaded and pages will follow: start the guest in the recorded state.
     var started: (RunState) -> Void = { _ in }
     /// The connection broke after the guest started (the reason given): returns a new
-    /// connection's descriptor once `migrate-recover` has one, or nil to give up.
-    var paused: (String) -> Int32? = { _ in nil }
+    /// connection once `migrate-recover` has one, or nil to give up.
+    var paused: (String) -> MigrationConnection? = { _ in nil }
     /// The new connection is set up; pages flow again.
     var resumed: () -> Void = {}
 }

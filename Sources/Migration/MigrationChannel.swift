@@ -16,7 +16,7 @@ public struct MigrationStreamError: Error, CustomStringConvertible, Equatable {
 /// written, so its checksum covers exactly the bytes that go out, even when the guest keeps
 /// writing the pages it was copied from.
 final class MigrationStreamWriter {
-    let descriptor: Int32
+    let io: ConnectionIO
     private var buffer: [UInt8] = []
     /// Bytes gathered before a send: 1 MiB rather than 256 KiB cut the paused-source 512 MiB
     /// migration from 407 to 327 ms here (fewer sends and receiver wake-ups; docs/performance.md).
@@ -28,10 +28,13 @@ final class MigrationStreamWriter {
     private(set) var recordsWritten: UInt64 = 0
     private(set) var error: MigrationStreamError?
 
-    init(descriptor: Int32) {
-        self.descriptor = descriptor
+    init(io: ConnectionIO) {
+        self.io = io
         buffer.reserveCapacity(bufferCapacity + (1 << 20))
     }
+
+    /// A writer on a plain descriptor (a socket, pipe or file).
+    convenience init(descriptor: Int32) { self.init(io: PlainConnectionIO(descriptor: descriptor)) }
 
     func append<T: FixedWidthInteger>(_ value: T) {
         withUnsafeBytes(of: value.littleEndian) { buffer.append(contentsOf: $0) }
@@ -107,26 +110,12 @@ final class MigrationStreamWriter {
 
     private func writeFully(_ pointer: UnsafeRawPointer, _ count: Int) {
         guard error == nil else { return }
-        var offset = 0
-        while offset < count {
-            let n = csocket_send(descriptor, pointer + offset, count - offset, -1)
-            if n == -Int(ENOTSOCK) {
-                let written = write(descriptor, pointer + offset, count - offset) // a pipe (exec:) or file
-                if written < 0 && errno == EINTR { continue }
-                guard written > 0 else {
-                    error = MigrationStreamError("write to the migration stream failed: \(String(cString: strerror(errno)))")
-                    return
-                }
-                offset += written
-                continue
-            }
-            guard n > 0 else {
-                error = MigrationStreamError("write to the migration stream failed: \(String(cString: strerror(Int32(-n))))")
-                return
-            }
-            offset += n
+        do throws(MigrationStreamError) {
+            try io.sendAll(pointer, count: count)
+            bytesWritten += UInt64(count)
+        } catch let failure {
+            error = failure
         }
-        bytesWritten += UInt64(count)
     }
 
     /// Bytes accepted so far, including those still buffered.
@@ -135,27 +124,34 @@ final class MigrationStreamWriter {
 
 /// The receiving end: exact reads, page data read straight into guest memory.
 final class MigrationStreamReader {
-    let descriptor: Int32
+    let io: ConnectionIO
     private var buffer = [UInt8](repeating: 0, count: 256 << 10)
     private var start = 0
     private var end = 0
     private(set) var bytesRead: UInt64 = 0
 
-    init(descriptor: Int32) {
-        self.descriptor = descriptor
+    init(io: ConnectionIO) {
+        self.io = io
     }
+
+    /// A reader on a plain descriptor (a socket, pipe or file).
+    convenience init(descriptor: Int32) { self.init(io: PlainConnectionIO(descriptor: descriptor)) }
+
+    static let endedEarly = MigrationStreamError("the migration stream ended early (truncated stream or the source went away)")
 
     private func fill() throws(MigrationStreamError) {
         start = 0
         end = 0
-        while true {
-            let n = buffer.withUnsafeMutableBytes { Foundation.read(descriptor, $0.baseAddress!, $0.count) }
-            if n < 0 && errno == EINTR { continue }
-            if n < 0 { throw MigrationStreamError("read from the migration stream failed: \(String(cString: strerror(errno)))") }
-            if n == 0 { throw MigrationStreamError("the migration stream ended early (truncated stream or the source went away)") }
-            end = n
-            return
+        let capacity = buffer.count
+        let io = self.io
+        let result = buffer.withUnsafeMutableBytes { raw -> Result<Int, MigrationStreamError> in
+            do throws(MigrationStreamError) { return .success(try io.receive(into: raw.baseAddress!, count: capacity)) } catch {
+                return .failure(error)
+            }
         }
+        let n = try result.get()
+        if n == 0 { throw Self.endedEarly }
+        end = n
     }
 
     func read<T: FixedWidthInteger>(_ type: T.Type) throws(MigrationStreamError) -> T {
@@ -185,10 +181,8 @@ final class MigrationStreamReader {
                 done += take
                 continue
             }
-            let n = Foundation.read(descriptor, destination + done, count - done)
-            if n < 0 && errno == EINTR { continue }
-            if n < 0 { throw MigrationStreamError("read from the migration stream failed: \(String(cString: strerror(errno)))") }
-            if n == 0 { throw MigrationStreamError("the migration stream ended early (truncated stream or the source went away)") }
+            let n = try io.receive(into: destination + done, count: count - done)
+            if n == 0 { throw Self.endedEarly }
             done += n
         }
         bytesRead += UInt64(count)

@@ -53,6 +53,8 @@ public final class MigrationController: @unchecked Sendable {
     let recoveryHandoff = ConnectionHandoff()
 
     public let machine: Machine
+    /// The `tls-creds-x509` and `authz-simple` objects that `tls-creds` and `tls-authz` name.
+    public let tlsObjects = TLSObjectRegistry()
     private let state = Mutex(State())
     private let descriptorNamed: @Sendable (String) -> Int32?
     /// Told of status changes and passes.
@@ -251,12 +253,16 @@ public final class MigrationController: @unchecked Sendable {
             }
         }
         let connection: MigrationConnection
+        let tls: TLSClientSettings?
         do {
-            connection = try MigrationConnection.connect(parsed, descriptorNamed: descriptorNamed)
+            let parameters = state.withLock { $0.parameters }
+            tls = try tlsObjects.clientSettings(credentials: parameters.tlsCreds, hostname: parameters.tlsHostname, uri: parsed)
+            connection = try MigrationConnection.connect(parsed, tls: tls, descriptorNamed: descriptorNamed)
         } catch {
             fail(error.message)
             throw MigrationError(error.message)
         }
+        if tls != nil { log("TLS: connected to the destination and accepted by it") }
         if capability(.postcopyRAM) && !isSocket(connection.descriptor) {
             // Postcopy's page requests need a return path, which only a socket carries.
             _ = connection.close()
@@ -269,6 +275,7 @@ public final class MigrationController: @unchecked Sendable {
             var plan = MigrationPlan(capabilities: state.capabilities, parameters: state.parameters, xbzrleCacheSize: state.xbzrleCacheSize)
             if state.capabilities[.multifd] == true { plan.multifd = (parsed, Int(state.parameters.multifdChannels)) }
             plan.blockMode = inc ? .incremental : blk ? .full : .shared
+            plan.tls = tls
             return plan
         }
         let outgoing = OutgoingMigration(machine: machine, controller: self, connection: connection, plan: plan)
@@ -353,7 +360,10 @@ public final class MigrationController: @unchecked Sendable {
         guard status == .postcopyPaused else { throw MigrationError("Cannot resume if there is no paused migration") }
         let connection: MigrationConnection
         do {
-            connection = try MigrationConnection.connect(try MigrationURI(parsing: uri), descriptorNamed: descriptorNamed)
+            let parsed = try MigrationURI(parsing: uri)
+            let parameters = state.withLock { $0.parameters }
+            let tls = try tlsObjects.clientSettings(credentials: parameters.tlsCreds, hostname: parameters.tlsHostname, uri: parsed)
+            connection = try MigrationConnection.connect(parsed, tls: tls, descriptorNamed: descriptorNamed)
         } catch {
             throw MigrationError(error.message)
         }
@@ -386,7 +396,10 @@ public final class MigrationController: @unchecked Sendable {
             state.recoveryPending = true
         }
         let listener: IncomingListener
+        let tls: TLSServerSettings?
         do {
+            let parameters = state.withLock { $0.parameters }
+            tls = try tlsObjects.serverSettings(credentials: parameters.tlsCreds, authorization: parameters.tlsAuthz)
             let parsed = try MigrationURI(parsing: uri)
             switch parsed {
             case .tcp, .unix: listener = try IncomingListener(uri: parsed)
@@ -398,7 +411,7 @@ public final class MigrationController: @unchecked Sendable {
         }
         log("incoming: waiting for the source to resume on \(uri)")
         let thread = Thread { [self] in
-            let connection = try? listener.accept()
+            let connection = try? listener.accept(tls: tls, log: { [log] in log("incoming: \($0)") })
             state.withLock { $0.recoveryPending = false }
             guard let connection else { return }
             setIncomingStatus(.postcopyRecover)
@@ -438,7 +451,13 @@ public final class MigrationController: @unchecked Sendable {
         }
         var listener: IncomingListener?
         var connection: MigrationConnection?
+        let tls: TLSServerSettings?
         do throws(MigrationStreamError) {
+            let parameters = state.withLock { $0.parameters }
+            tls = try tlsObjects.serverSettings(credentials: parameters.tlsCreds, authorization: parameters.tlsAuthz)
+            if tls != nil, case .exec = parsed {
+                throw MigrationStreamError("TLS needs a socket: use a tcp:, unix: or fd: URI, not exec:")
+            }
             switch parsed {
             case .tcp, .unix:
                 listener = try IncomingListener(uri: parsed)
@@ -469,9 +488,16 @@ public final class MigrationController: @unchecked Sendable {
         let waiting = listener
         let thread = Thread { [self] in
             do throws(MigrationStreamError) {
-                let channel: MigrationConnection
-                if let ready { channel = ready } else { channel = try waiting!.accept() }
-                runIncoming(channel, listener: waiting)
+                let refused: (String) -> Void = { [log] in log("incoming: \($0)") }
+                var channel: MigrationConnection
+                if let ready { channel = ready } else { channel = try waiting!.accept(tls: tls, log: refused) }
+                if let tls, let plain = ready {
+                    // fd: a socket handed over whole; its one peer must pass the handshake.
+                    channel = MigrationConnection(descriptor: plain.descriptor,
+                                                  io: try TLSSession.server(descriptor: plain.descriptor, settings: tls))
+                }
+                if tls != nil { log("incoming: TLS: the source is authenticated") }
+                runIncoming(channel, listener: waiting, tls: tls)
                 waiting?.close()
             } catch {
                 incomingFailure(error.message)
@@ -497,7 +523,7 @@ public final class MigrationController: @unchecked Sendable {
         return true
     }
 
-    private func runIncoming(_ connection: MigrationConnection, listener: IncomingListener?) {
+    private func runIncoming(_ connection: MigrationConnection, listener: IncomingListener?, tls: TLSServerSettings?) {
         state.withLock { $0.incoming.status = .active }
         log("incoming: loading")
         if capability(.events) { observer(.statusChanged(.active)) }
@@ -506,9 +532,9 @@ public final class MigrationController: @unchecked Sendable {
                              decompressThreads: Int(state.parameters.decompressThreads),
                              multifdChannels: Int(state.parameters.multifdChannels))
         }
-        let incoming = IncomingMigration(machine: machine, descriptor: connection.descriptor, settings: settings)
+        let incoming = IncomingMigration(machine: machine, connection: connection, settings: settings)
         if let listener {
-            incoming.acceptChannel = { () throws(MigrationStreamError) -> MigrationConnection in try listener.acceptChannel() }
+            incoming.acceptChannel = { () throws(MigrationStreamError) -> MigrationConnection in try listener.acceptChannel(tls: tls) }
         }
         state.withLock { $0.incomingConnection = connection }
         incoming.log = { [log] in log("incoming: \($0)") }
@@ -526,7 +552,7 @@ public final class MigrationController: @unchecked Sendable {
                               + "the guest keeps running and waits for its missing pages: resume with migrate-recover")
             let fresh = recoveryHandoff.wait()
             state.withLock { $0.incomingConnection = fresh }
-            return fresh.descriptor
+            return fresh
         }
         incoming.hooks.resumed = { [self] in
             state.withLock { $0.incoming.errorDescription = nil }

@@ -95,6 +95,15 @@ public struct MigrationParameters: Equatable, Sendable {
     /// QEMU 4.0's `multifd-channels`: the connections RAM pages take with the `multifd`
     /// capability; both sides must set the same number. QEMU's default, 2.
     public var multifdChannels: Int64 = 2
+    /// QEMU 2.7's `tls-creds`: the id of a `tls-creds-x509` object; every connection of a
+    /// migration (main, return path, multifd) then runs over TLS. Empty: plaintext.
+    public var tlsCreds = ""
+    /// QEMU 2.7's `tls-hostname`: the name the destination's certificate must carry (default:
+    /// the host in a tcp: URI).
+    public var tlsHostname = ""
+    /// QEMU 4.0's `tls-authz`: the id of an `authz-simple` object naming the one source
+    /// identity a destination accepts.
+    public var tlsAuthz = ""
 
     public init() {}
 
@@ -107,13 +116,14 @@ public struct MigrationParameters: Equatable, Sendable {
                                "x-cpu-throttle-increment", "cpu-throttle-initial", "cpu-throttle-increment",
                                "max-cpu-throttle", "max-bandwidth", "downtime-limit", "xbzrle-cache-size",
                                "multifd-compression", "x-checksum", "x-postcopy-after-passes", "max-postcopy-bandwidth",
-                               "x-slo-downtime", "x-slo-total-time", "multifd-channels"]
+                               "x-slo-downtime", "x-slo-total-time", "multifd-channels",
+                               "tls-creds", "tls-hostname", "tls-authz"]
 
     /// The kind of value each parameter takes.
     public enum Kind: Sendable { case integer, boolean, string }
     public static func kind(of name: String) -> Kind {
         switch name {
-        case "multifd-compression": .string
+        case "multifd-compression", "tls-creds", "tls-hostname", "tls-authz": .string
         case "x-checksum": .boolean
         default: .integer
         }
@@ -168,6 +178,9 @@ public struct MigrationParameters: Equatable, Sendable {
             return range(0...1000, "Parameter 'x-postcopy-after-passes' expects an integer in the range of 0 to 1000")
         case "multifd-channels":
             return range(1...255, "Parameter 'multifd-channels' expects is invalid, it should be in the range of 1 to 255")
+        case "tls-creds", "tls-hostname", "tls-authz":
+            guard case .string = value else { return "Invalid parameter type for '\(name)', expected: string" }
+            return nil
         default:
             return "Parameter '\(name)' is unexpected"
         }
@@ -190,6 +203,9 @@ public struct MigrationParameters: Equatable, Sendable {
         case "x-slo-downtime": .integer(Int64(clamping: sloDowntime))
         case "x-slo-total-time": .integer(Int64(clamping: sloTotalTime))
         case "multifd-channels": .integer(multifdChannels)
+        case "tls-creds": .string(tlsCreds)
+        case "tls-hostname": .string(tlsHostname)
+        case "tls-authz": .string(tlsAuthz)
         default: .integer(0)
         }
     }
@@ -211,6 +227,9 @@ public struct MigrationParameters: Equatable, Sendable {
         case let ("max-postcopy-bandwidth", .integer(v)): maxPostcopyBandwidth = UInt64(v)
         case let ("x-slo-downtime", .integer(v)): sloDowntime = UInt64(v)
         case let ("x-slo-total-time", .integer(v)): sloTotalTime = UInt64(v)
+        case let ("tls-creds", .string(v)): tlsCreds = v
+        case let ("tls-hostname", .string(v)): tlsHostname = v
+        case let ("tls-authz", .string(v)): tlsAuthz = v
         default: break
         }
     }
@@ -228,6 +247,8 @@ struct MigrationPlan {
     var postcopyAfterPasses: Int
     /// With the `multifd` capability: where the channels connect and how many.
     var multifd: (uri: MigrationURI, channels: Int)?
+    /// With `tls-creds`: the TLS every connection (main, multifd, a postcopy resume) uses.
+    var tls: TLSClientSettings?
     /// `migrate`'s blk/inc: how the disks travel (nothing when the machine has none).
     var blockMode: BlockMigrationMode = .shared
     var zeroBlocks: Bool

@@ -34,24 +34,30 @@ public enum MigrationURI: Equatable, Sendable {
     }
 }
 
-/// An open migration channel: the descriptor to read or write, and the child process behind
-/// an `exec:` URI, reaped when the channel closes.
+/// An open migration channel: the descriptor to read or write, the I/O over it (plain or TLS),
+/// and the child process behind an `exec:` URI, reaped when the channel closes.
 final class MigrationConnection: @unchecked Sendable {
     // Sendable: `descriptor` is fixed; whether it is still open is guarded by `open`, so a
     // canceller's `shutdownIO` never reaches a number that `close` gave back to the kernel
     // (and that may by now be a QMP client's socket).
     let descriptor: Int32
+    /// How bytes cross it: the stream and the return path read and write only through this.
+    let io: ConnectionIO
     private let child: Process?
     private let open = Mutex(true)
 
-    init(descriptor: Int32, child: Process? = nil) {
+    init(descriptor: Int32, io: ConnectionIO? = nil, child: Process? = nil) {
         self.descriptor = descriptor
+        self.io = io ?? PlainConnectionIO(descriptor: descriptor)
         self.child = child
         // The stream's threads block on reads and writes. A descriptor handed over by a client
         // (getfd, -incoming fd:) may be non-blocking, as a Python socket with a timeout is:
         // make it blocking, as QEMU's channel does.
-        let flags = fcntl(descriptor, F_GETFL)
-        if flags >= 0 && flags & O_NONBLOCK != 0 { _ = fcntl(descriptor, F_SETFL, flags & ~O_NONBLOCK) }
+        // (A TLS session sets its own descriptor non-blocking, after this.)
+        if io == nil {
+            let flags = fcntl(descriptor, F_GETFL)
+            if flags >= 0 && flags & O_NONBLOCK != 0 { _ = fcntl(descriptor, F_SETFL, flags & ~O_NONBLOCK) }
+        }
     }
 
     /// Waits, up to `timeout` seconds, until a socket's send queue (bytes the peer has not yet
@@ -83,6 +89,7 @@ final class MigrationConnection: @unchecked Sendable {
         let closed = open.withLock { isOpen -> Bool in
             guard isOpen else { return false }
             isOpen = false
+            io.finish()
             Foundation.close(descriptor)
             return true
         }
@@ -94,24 +101,34 @@ final class MigrationConnection: @unchecked Sendable {
         return nil
     }
 
-    /// Connects the source side.
-    static func connect(_ uri: MigrationURI, descriptorNamed: (String) -> Int32?) throws(MigrationStreamError) -> MigrationConnection {
+    /// Connects the source side; with `tls`, the TLS handshake is done (and the destination
+    /// has accepted this source) before it returns.
+    static func connect(_ uri: MigrationURI, tls: TLSClientSettings? = nil,
+                        descriptorNamed: (String) -> Int32?) throws(MigrationStreamError) -> MigrationConnection {
+        let fd: Int32
         switch uri {
         case let .tcp(host, port):
-            let fd = csocket_connect_tcp(host, port)
+            fd = csocket_connect_tcp(host, port)
             guard fd >= 0 else { throw MigrationStreamError("Failed to connect socket: \(String(cString: strerror(-fd)))") }
-            return MigrationConnection(descriptor: fd)
         case let .unix(path):
-            let fd = csocket_connect_unix(path)
+            fd = csocket_connect_unix(path)
             guard fd >= 0 else { throw MigrationStreamError("Failed to connect socket \(path): \(String(cString: strerror(-fd)))") }
-            return MigrationConnection(descriptor: fd)
         case let .exec(command):
+            if tls != nil { throw MigrationStreamError("TLS needs a socket: use a tcp:, unix: or fd: URI, not exec:") }
             return try spawn(command, sourceWrites: true)
         case let .descriptor(name):
-            guard let fd = descriptorNamed(name) else {
+            guard let named = descriptorNamed(name) else {
                 throw MigrationStreamError("File descriptor named '\(name)' has not been found")
             }
-            return MigrationConnection(descriptor: fd)
+            fd = named
+        }
+        guard let tls else { return MigrationConnection(descriptor: fd) }
+        do {
+            let session = try TLSSession.client(descriptor: fd, settings: tls)
+            return MigrationConnection(descriptor: fd, io: session)
+        } catch {
+            Foundation.close(fd)
+            throw error
         }
     }
 
@@ -160,18 +177,30 @@ final class IncomingListener: @unchecked Sendable {
         }
     }
 
-    /// The main connection (waits as long as it takes).
-    func accept() throws(MigrationStreamError) -> MigrationConnection {
-        let fd = csocket_accept(descriptor)
-        guard fd >= 0 else {
-            close()
-            throw MigrationStreamError("accepting the migration connection failed: \(String(cString: strerror(-fd)))")
+    /// The main connection (waits as long as it takes). With `tls`, a peer that fails the
+    /// handshake or the authorization is refused and logged, and the wait goes on: a stray or
+    /// hostile client never reaches the loader, and the real source can still come.
+    func accept(tls: TLSServerSettings? = nil, log: (String) -> Void = { _ in }) throws(MigrationStreamError) -> MigrationConnection {
+        while true {
+            let fd = csocket_accept(descriptor)
+            guard fd >= 0 else {
+                close()
+                throw MigrationStreamError("accepting the migration connection failed: \(String(cString: strerror(-fd)))")
+            }
+            guard let tls else { return MigrationConnection(descriptor: fd) }
+            do {
+                return MigrationConnection(descriptor: fd, io: try TLSSession.server(descriptor: fd, settings: tls))
+            } catch {
+                Foundation.close(fd)
+                log("refused a migration connection: \(error.message)")
+            }
         }
-        return MigrationConnection(descriptor: fd)
     }
 
-    /// A multifd channel: it must connect within `timeout` seconds.
-    func acceptChannel(timeout: Int32 = MultifdReceiver.connectTimeoutSeconds) throws(MigrationStreamError) -> MigrationConnection {
+    /// A multifd channel: it must connect within `timeout` seconds (and, with `tls`, pass the
+    /// handshake).
+    func acceptChannel(tls: TLSServerSettings? = nil,
+                       timeout: Int32 = MultifdReceiver.connectTimeoutSeconds) throws(MigrationStreamError) -> MigrationConnection {
         var waiting = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
         let ready = poll(&waiting, 1, timeout * 1000)
         guard ready > 0 else {
@@ -179,7 +208,13 @@ final class IncomingListener: @unchecked Sendable {
         }
         let fd = csocket_accept(descriptor)
         guard fd >= 0 else { throw MigrationStreamError("accepting a multifd channel failed: \(String(cString: strerror(-fd)))") }
-        return MigrationConnection(descriptor: fd)
+        guard let tls else { return MigrationConnection(descriptor: fd) }
+        do {
+            return MigrationConnection(descriptor: fd, io: try TLSSession.server(descriptor: fd, settings: tls))
+        } catch {
+            Foundation.close(fd)
+            throw MigrationStreamError("multifd channel: \(error.message)")
+        }
     }
 
     /// Stops listening (and removes a unix socket's file). Once only.

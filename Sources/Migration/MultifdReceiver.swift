@@ -42,7 +42,7 @@ final class MultifdReceiver: @unchecked Sendable {
         var byIndex = [(connection: MigrationConnection, reader: MigrationStreamReader)?](repeating: nil, count: count)
         for _ in 0..<count {
             let connection = try accept()
-            let reader = MigrationStreamReader(descriptor: connection.descriptor)
+            let reader = MigrationStreamReader(io: connection.io)
             do throws(MigrationStreamError) {
                 let index = try Self.readHeader(reader, session: session, count: count)
                 guard byIndex[index] == nil else { throw MigrationStreamError("multifd channel \(index) connected twice") }

@@ -48,7 +48,7 @@ final class MultifdSender: @unchecked Sendable {
         init(index: Int, connection: MigrationConnection, checksums: Bool) {
             self.index = index
             self.connection = connection
-            writer = MigrationStreamWriter(descriptor: connection.descriptor)
+            writer = MigrationStreamWriter(io: connection.io)
             writer.checksums = checksums
         }
     }
@@ -66,12 +66,13 @@ final class MultifdSender: @unchecked Sendable {
     static let batchPages = 128
 
     /// Connects `count` channels to `uri` (tcp or unix) and sends each its header.
-    init(uri: MigrationURI, count: Int, session: UInt64, ramSection: UInt16, checksums: Bool) throws(MigrationStreamError) {
+    init(uri: MigrationURI, count: Int, session: UInt64, ramSection: UInt16, checksums: Bool,
+         tls: TLSClientSettings? = nil) throws(MigrationStreamError) {
         var channels: [Channel] = []
         for index in 0..<count {
             let connection: MigrationConnection
             do {
-                connection = try MigrationConnection.connect(uri, descriptorNamed: { _ in nil })
+                connection = try MigrationConnection.connect(uri, tls: tls, descriptorNamed: { _ in nil })
             } catch {
                 channels.forEach { _ = $0.connection.close() }
                 throw MigrationStreamError("multifd channel \(index): \(error.message)")

@@ -50,7 +50,7 @@ final class OutgoingMigration: @unchecked Sendable {
         self.controller = controller
         self.connection = connection
         self.plan = plan
-        self.writer = MigrationStreamWriter(descriptor: connection.descriptor)
+        self.writer = MigrationStreamWriter(io: connection.io)
         writer.checksums = plan.checksums
     }
 
@@ -122,7 +122,7 @@ final class OutgoingMigration: @unchecked Sendable {
             returnPath: hasReturnPath)
         writer.record(.configuration, required: true) { configuration.encode(into: $0) }
         if hasReturnPath {
-            let listener = ReturnPathListener(descriptor: connection.descriptor, ramSize: machine.memory.size, log: controller.log)
+            let listener = ReturnPathListener(io: connection.io, ramSize: machine.memory.size, log: controller.log)
             listener.start()
             returnPath = listener
             writer.record(.ping, required: false) { $0.append(UInt32(1)) }
@@ -138,7 +138,7 @@ final class OutgoingMigration: @unchecked Sendable {
             writer.flush()
             if let error = writer.error { throw error }
             let sender = try MultifdSender(uri: setup.uri, count: setup.channels, session: session, ramSection: 0,
-                                           checksums: plan.checksums)
+                                           checksums: plan.checksums, tls: plan.tls)
             multifd = sender
             ram.useMultifd(sender)
             controller.log("multifd: \(setup.channels) channels connected")

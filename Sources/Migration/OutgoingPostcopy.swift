@@ -174,7 +174,7 @@ extension OutgoingMigration {
             bytesOnEarlierConnections += writer.position
             let fresh = controller.waitForResumeConnection()
             connection = fresh
-            writer = MigrationStreamWriter(descriptor: fresh.descriptor)
+            writer = MigrationStreamWriter(io: fresh.io)
             writer.checksums = plan.checksums
             writeStreamHeader()
             writer.record(.resume, required: true) { [machine] writer in
@@ -182,7 +182,7 @@ extension OutgoingMigration {
                 writer.append(UInt32(MigrationStreamFormat.pageSize))
             }
             writer.flush()
-            let listener = ReturnPathListener(descriptor: fresh.descriptor, ramSize: machine.memory.size, log: controller.log)
+            let listener = ReturnPathListener(io: fresh.io, ramSize: machine.memory.size, log: controller.log)
             listener.start()
             returnPath = listener
             guard writer.error == nil, let lacking = listener.waitForLacking(seconds: 30) else {

@@ -21,12 +21,12 @@ final class ReturnPathListener: @unchecked Sendable {
     }
     private let state = Mutex(State())
     private let condition = NSCondition()
-    private let descriptor: Int32
+    private let io: ConnectionIO
     private let ramSize: UInt64
     private let log: @Sendable (String) -> Void
 
-    init(descriptor: Int32, ramSize: UInt64, log: @escaping @Sendable (String) -> Void) {
-        self.descriptor = descriptor
+    init(io: ConnectionIO, ramSize: UInt64, log: @escaping @Sendable (String) -> Void) {
+        self.io = io
         self.ramSize = ramSize
         self.log = log
     }
@@ -38,7 +38,7 @@ final class ReturnPathListener: @unchecked Sendable {
     }
 
     private func run() {
-        let reader = MigrationStreamReader(descriptor: descriptor)
+        let reader = MigrationStreamReader(io: io)
         while true {
             do {
                 let message = try ReturnPathMessage.read(from: reader)
@@ -166,23 +166,24 @@ final class ReturnPathListener: @unchecked Sendable {
 /// The destination's end: writes messages on the incoming connection. The stream reader and
 /// postcopy's fault thread both send, so whole messages go out under a lock.
 final class ReturnPathSender: Sendable {
-    let descriptor: Int32
+    let io: ConnectionIO
     private let lock = Mutex(())
 
-    init(descriptor: Int32) { self.descriptor = descriptor }
+    init(io: ConnectionIO) { self.io = io }
 
     /// Sends one message; false if the source has gone.
     @discardableResult
     func send(_ message: ReturnPathMessage) -> Bool {
         let bytes = message.encoded()
         return lock.withLock { _ in
-            var offset = 0
-            while offset < bytes.count {
-                let n = bytes.withUnsafeBytes { csocket_send(descriptor, $0.baseAddress! + offset, $0.count - offset, -1) }
-                guard n > 0 else { return false }
-                offset += n
+            bytes.withUnsafeBytes { raw in
+                do throws(MigrationStreamError) {
+                    try io.sendAll(raw.baseAddress!, count: raw.count)
+                    return true
+                } catch {
+                    return false
+                }
             }
-            return true
         }
     }
 }

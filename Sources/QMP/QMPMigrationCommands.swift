@@ -70,7 +70,11 @@ extension QMPStandardCommands {
                         }
                         values.append((name, .integer(integer)))
                     case .boolean: values.append((name, .boolean(value.boolValue ?? false)))
-                    case .string: values.append((name, .string(value.stringValue ?? "")))
+                    case .string:
+                        // tls-creds and tls-hostname are QEMU's StrOrNull: null means "" (off).
+                        if case .null = value { values.append((name, .string(""))); continue }
+                        guard let text = value.stringValue else { throw .generic("Invalid parameter type for '\(name)', expected: string") }
+                        values.append((name, .string(text)))
                     }
                 }
                 do throws(MigrationError) { try migration.setParameters(values) } catch { throw .generic(error.message) }
@@ -219,7 +223,7 @@ extension QMPStandardCommands {
         switch MigrationParameters.kind(of: name) {
         case .integer: .integer
         case .boolean: .boolean
-        case .string: .string
+        case .string: name.hasPrefix("tls-") ? .any : .string
         }
     }
 

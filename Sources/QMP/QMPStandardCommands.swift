@@ -8,6 +8,7 @@ enum QMPStandardCommands {
         runControl(context) + queries(context) + memory(context) + descriptors(context) + [humanMonitor(context)]
             + QMPIntrospectionCommands.all(context)
             + (context.migration.map(migrationCommands) ?? [])
+            + (context.migration.map(objectCommands) ?? [])
     }
 
     static func runControl(_ context: QMPContext) -> [QMPCommand] {

@@ -66,6 +66,12 @@ public enum RunCommand {
             printError("load of migration failed: \(reason)")
             exit(1)
         }
+        for object in options.objects {
+            do { try migration.tlsObjects.create(type: object.type, id: object.id, properties: object.properties) } catch {
+                printError("-object \(object.type),id=\(object.id): \(error.message)")
+                return 1
+            }
+        }
         var monitor: QMPServer?
         if !options.monitors.isEmpty {
             do {

@@ -14,6 +14,9 @@ public struct RunOptions: Equatable {
     public var showHelp = false
     /// `-pidfile PATH`: written (and locked) once the process is set up.
     public var pidFile: String?
+    /// `-object tls-creds-x509,...` and `-object authz-simple,...`, created once the migration
+    /// controller exists (their files are read then, before the guest starts).
+    public var objects: [ObjectOption] = []
     /// `-daemonize`: detach once the monitor listens.
     public var daemonize = false
 
@@ -130,6 +133,16 @@ public struct RunOptions: Equatable {
                     waitingDrives.append(parsed.drive)
                 } else {
                     configuration.drives.append(parsed.drive)
+                }
+            case "object":
+                let list = try QEMUOptionList(parsing: value, option: "object", impliedKey: "qom-type")
+                if let type = list.implied, type.hasPrefix("tls-creds") || type.hasPrefix("authz") {
+                    guard let id = list["id"] else { throw CommandLineError("tern run: -object \(value): needs id=ID") }
+                    var properties: [String: String] = [:]
+                    for (key, text) in list.pairs where key != "id" && key != "qom-type" { properties[key] = text }
+                    objects.append(ObjectOption(type: type, id: id, properties: properties))
+                } else {
+                    try Self.checkIgnorable(name, value)
                 }
             case "pidfile": pidFile = value
             case "uuid": configuration.uuid = try Self.uuid(value)
@@ -284,4 +297,11 @@ public struct RunOptions: Equatable {
         }
         return invariantTSC
     }
+}
+
+/// One `-object` that tern creates (a TLS credentials or authorization object).
+public struct ObjectOption: Sendable, Equatable {
+    public let type: String
+    public let id: String
+    public let properties: [String: String]
 }
