@@ -107,3 +107,12 @@ def make_pki(root: Path) -> dict[str, str]:
     write("client-expired", ca, "client", ca.issue(_name("source.tern.test"), server=False, expired=True))
     write("client-intruder", ca, "client", ca.issue(_name("intruder.tern.test"), server=False))
     return {name: str(path) for name, path in layout.items()}
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: tests/tls_certs.py DIRECTORY   (writes server/, client/ and the bad cases' directories)")
+    for name, path in make_pki(Path(sys.argv[1])).items():
+        print(f"{name:18s} {path}")

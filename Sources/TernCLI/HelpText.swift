@@ -83,6 +83,16 @@ public enum HelpText {
                            runs (or stays paused with -S). 'defer' waits for QMP
                            migrate-incoming. 'exec:cat FILE' restores a saved VM.
 
+    Migration over TLS (mutual authentication; docs/qmp.md, "TLS objects"):
+      -object tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off]
+                           X.509 files as QEMU lays them out in DIR: ca-cert.pem, and
+                           server-cert.pem + server-key.pem (destination) or client-cert.pem +
+                           client-key.pem (source). Read at start; then QMP migrate-set-parameters
+                           tls-creds=ID puts every migration connection over TLS.
+      -object authz-simple,id=ID,identity=DN
+                           With tls-authz=ID, the one source certificate subject a destination
+                           accepts (CN=name,,O=org: commas doubled on the command line).
+
     Disks:
       -drive file=PATH,format=raw,if=virtio[,readonly=on][,cache=MODE][,id=ID]
                            A raw image as a virtio-blk disk (virtio-mmio at 0xd0000000 + 4 KiB
@@ -117,7 +127,8 @@ public enum HelpText {
                            Other devices are refused by name. -serial chardev:ID does the same.
       -machine none        A machine with nothing to run, for monitor probes (libvirt's).
                            Also: pc, accel=kvm[:tcg], usb=off, dump-guest-core=..., vmport=off.
-      -object secret,...   Accepted (tern decrypts nothing); other objects are refused.
+      -object secret,...   Accepted (tern decrypts nothing); objects other than these and the
+                           TLS ones above are refused.
       -uuid UUID           The VM's UUID (QMP query-uuid).
       -pidfile PATH        Write (and lock) PATH with tern's pid; removed at exit.
       -daemonize           Detach once the monitor listens; errors before that still show.
