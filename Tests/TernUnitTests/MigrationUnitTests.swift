@@ -34,8 +34,9 @@ struct MigrationUnitTests {
         #expect(MigrationParameters.names.filter { $0 != "xbzrle-cache-size" }.map { defaults.value(of: $0) } == [
             .integer(1), .integer(8), .integer(2), .integer(20), .integer(10), .integer(20), .integer(10), .integer(99),
             .integer(32 << 20), .integer(300), .string("none"), .boolean(true), .integer(0), .integer(0), .integer(0), .integer(0),
-            .integer(2),
+            .integer(2), .string(""), .string(""), .string(""),
         ])
+        #expect(MigrationParameters.validate("tls-creds", .integer(1)) == "Invalid parameter type for 'tls-creds', expected: string")
         #expect(MigrationParameters.validate("multifd-channels", .integer(256))
                 == "Parameter 'multifd-channels' expects is invalid, it should be in the range of 1 to 255")
         var channels = MigrationParameters()

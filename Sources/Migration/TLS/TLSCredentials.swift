@@ -82,7 +82,11 @@ public final class TLSCredentials: @unchecked Sendable {
                 throw TLSCredentialsError("Unable to load certificate \(certificate): \(TLSError.takeText())")
             }
             guard SSL_CTX_use_PrivateKey_file(context, key, SSL_FILETYPE_PEM) == 1 else {
-                throw TLSCredentialsError("Unable to load private key \(key) (tern reads unencrypted PEM keys): \(TLSError.takeText())")
+                let reason = TLSError.takeText()
+                if reason == "key values mismatch" {
+                    throw TLSCredentialsError("The private key \(key) does not belong to the certificate \(certificate)")
+                }
+                throw TLSCredentialsError("Unable to load private key \(key) (tern reads unencrypted PEM keys): \(reason)")
             }
             guard SSL_CTX_check_private_key(context) == 1 else {
                 throw TLSCredentialsError("The private key \(key) does not belong to the certificate \(certificate)")
