@@ -80,8 +80,8 @@ async def test_tls_migration_completes(launch, pki):
         info = await run_migration(s, src, uri, bandwidth=64 * MiB, parameters={"tls-creds": "tls0"})
         await check_completed(s, src, info)
         assert (await execute(s, "query-migrate-parameters"))["tls-creds"] == "tls0"
-    assert "TLS: connected to the destination and accepted by it" in src.stderr_text(), src.diagnostics()
-    assert "TLS: the source is authenticated" in dst.stderr_text(), dst.diagnostics()
+    assert "TLS: connected to the destination and accepted by it (TLSv1.3" in src.stderr_text(), src.diagnostics()
+    assert f"TLS: the source is authenticated as '{SOURCE_IDENTITY}' (TLSv1.3 TLS_AES_128_GCM_SHA256)" in dst.stderr_text(), dst.diagnostics()
     await compare_and_resume(src, dst)
 
 

@@ -262,7 +262,9 @@ public final class MigrationController: @unchecked Sendable {
             fail(error.message)
             throw MigrationError(error.message)
         }
-        if tls != nil { log("TLS: connected to the destination and accepted by it") }
+        if let session = connection.io as? TLSSession {
+            log("TLS: connected to the destination and accepted by it (\(session.agreement))")
+        }
         if capability(.postcopyRAM) && !isSocket(connection.descriptor) {
             // Postcopy's page requests need a return path, which only a socket carries.
             _ = connection.close()
@@ -496,7 +498,10 @@ public final class MigrationController: @unchecked Sendable {
                     channel = MigrationConnection(descriptor: plain.descriptor,
                                                   io: try TLSSession.server(descriptor: plain.descriptor, settings: tls))
                 }
-                if tls != nil { log("incoming: TLS: the source is authenticated") }
+                if let session = channel.io as? TLSSession {
+                    let who = session.peerSubject.map { "the source is authenticated as '\($0)'" } ?? "the source has no certificate (verify-peer=off)"
+                    log("incoming: TLS: \(who) (\(session.agreement))")
+                }
                 runIncoming(channel, listener: waiting, tls: tls)
                 waiting?.close()
             } catch {

@@ -131,6 +131,15 @@ final class TLSSession: ConnectionIO, @unchecked Sendable {
         return error.message
     }
 
+    /// The protocol version and suite agreed, for the log ("TLSv1.3 TLS_AES_128_GCM_SHA256").
+    var agreement: String {
+        lock.withLock {
+            let version = String(cString: SSL_get_version(ssl))
+            let suite = SSL_get_current_cipher(ssl).flatMap { SSL_CIPHER_get_name($0) }.map { String(cString: $0) } ?? "?"
+            return "\(version) \(suite)"
+        }
+    }
+
     /// The peer certificate's subject, RFC 4514 form.
     var peerSubject: String? { subject(peer: true) }
 
