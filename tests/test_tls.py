@@ -13,12 +13,13 @@ Skipped, loudly, without /dev/kvm or the tern binary (TERN_BINARY, default .buil
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 
 import pytest
 
-from migration_support import LinkProxy, asynctest, execute, execute_error, session, skip_reason, wait_status
+from migration_support import LinkProxy, asynctest, execute, execute_error, session, skip_reason, wait_migration, wait_status
 from test_capabilities import check_completed, compare_and_resume, run_migration, set_capabilities
 from test_migration import launch, tcp_uri  # noqa: F401 - launch is a fixture
 from tls_certs import INTRUDER_IDENTITY, SOURCE_IDENTITY, make_pki
@@ -243,3 +244,46 @@ async def test_tls_settings_are_checked(launch, pki, tmp_path):
     bad_start.expect_exit = True
     assert await bad_start.wait_exit(timeout=20) == 1
     assert "Unable to access credentials" in bad_start.stderr_text(), bad_start.diagnostics()
+
+
+@asynctest
+async def test_tls_postcopy_cut_and_recovery(launch, pki):
+    """Postcopy over TLS: the destination's page requests and the source's answers cross one TLS
+    session in both directions at once; the link is cut mid-postcopy, and migrate-recover /
+    migrate resume make a new TLS connection (authenticated again) on which it completes, with
+    the destination's guest intact."""
+    from migration_support import free_tcp_port
+    from test_postcopy import (POSTCOPY_MEMORY, SLOW_APPEND, SLOW_BANDWIDTH, SLOW_POSTCOPY, check_both_completed,
+                               listen_for_postcopy, prepare_source, reach_postcopy)
+    from test_migration import check_destination_guest
+
+    destination_port = free_tcp_port()
+    src = launch("src", memory=POSTCOPY_MEMORY, append=SLOW_APPEND)
+    dst = launch("dst", memory=POSTCOPY_MEMORY, append=SLOW_APPEND, incoming="defer",
+                 extra=server_objects(pki, authz=True))
+    proxy = None
+    try:
+        async with session(src) as s, session(dst) as d:
+            assert await execute(d, "migrate-set-parameters", {"tls-creds": "tls0", "tls-authz": "auth0"}) == {}
+            await listen_for_postcopy(d, dst, f"tcp:127.0.0.1:{destination_port}")
+            proxy = LinkProxy(destination_port)
+            await add_client_creds(s, pki)
+            await prepare_source(s, src, bandwidth=SLOW_BANDWIDTH, parameters={**SLOW_POSTCOPY, "tls-creds": "tls0"})
+            await reach_postcopy(s, d, src, dst, proxy.uri)
+            await asyncio.sleep(0.5)  # pages and page requests in flight, both ways
+            assert (await execute(s, "query-migrate"))["status"] == "postcopy-active"
+            proxy.cut()
+            await wait_migration(s, src, wanted=("postcopy-paused",), timeout=10)
+            await wait_migration(d, dst, wanted=("postcopy-paused",), timeout=10)
+            recover = tcp_uri()
+            assert await execute(d, "migrate-recover", {"uri": recover}) == {}
+            assert await execute(s, "migrate", {"uri": recover, "resume": True}) == {}
+            info = await wait_migration(s, src, timeout=30)
+            incoming = await wait_migration(d, dst, timeout=15)
+            await check_both_completed(s, d, src, dst, info, incoming, False)
+        # Two TLS sessions on the destination: the first connection and the recovery's.
+        assert dst.stderr_text().count("TLS: the source is authenticated as") == 2, dst.diagnostics()
+        await check_destination_guest(src, dst)
+    finally:
+        if proxy is not None:
+            proxy.cut()

@@ -416,11 +416,19 @@ public final class MigrationController: @unchecked Sendable {
             let connection = try? listener.accept(tls: tls, log: { [log] in log("incoming: \($0)") })
             state.withLock { $0.recoveryPending = false }
             guard let connection else { return }
+            logIncomingTLS(connection)
             setIncomingStatus(.postcopyRecover)
             recoveryHandoff.offer(connection)
         }
         thread.name = "migration-recover"
         thread.start()
+    }
+
+    /// Says who connected over TLS, and how (nothing for a plain connection).
+    private func logIncomingTLS(_ connection: MigrationConnection) {
+        guard let session = connection.io as? TLSSession else { return }
+        let who = session.peerSubject.map { "the source is authenticated as '\($0)'" } ?? "the source has no certificate (verify-peer=off)"
+        log("incoming: TLS: \(who) (\(session.agreement))")
     }
 
     private func setIncomingStatus(_ status: MigrationStatus, error: String? = nil) {
@@ -498,10 +506,7 @@ public final class MigrationController: @unchecked Sendable {
                     channel = MigrationConnection(descriptor: plain.descriptor,
                                                   io: try TLSSession.server(descriptor: plain.descriptor, settings: tls))
                 }
-                if let session = channel.io as? TLSSession {
-                    let who = session.peerSubject.map { "the source is authenticated as '\($0)'" } ?? "the source has no certificate (verify-peer=off)"
-                    log("incoming: TLS: \(who) (\(session.agreement))")
-                }
+                logIncomingTLS(channel)
                 runIncoming(channel, listener: waiting, tls: tls)
                 waiting?.close()
             } catch {

@@ -64,6 +64,10 @@ final class MultifdSender: @unchecked Sendable {
     static let queueDepth = 4
     /// Pages in one batch (512 KiB).
     static let batchPages = 128
+    /// With TERN_TEST_MULTIFD_DELAY_US=N each channel waits N µs before it takes a batch's
+    /// pages, widening the time between a page's offer and its copy, so a test can show that
+    /// XBZRLE's copy-when-offered rule holds (without it the cache and the destination differ).
+    static let testDelay = UInt32(ProcessInfo.processInfo.environment["TERN_TEST_MULTIFD_DELAY_US"] ?? "") ?? 0
 
     /// Connects `count` channels to `uri` (tcp or unix) and sends each its header.
     init(uri: MigrationURI, count: Int, session: UInt64, ramSection: UInt16, checksums: Bool,
@@ -178,6 +182,7 @@ final class MultifdSender: @unchecked Sendable {
             switch take(channel) {
             case let .batch(batch):
                 guard error == nil else { continue }
+                if Self.testDelay > 0 { usleep(Self.testDelay) }
                 batch.data.withUnsafeBytes { bytes in
                     var offset = 0
                     let pageSize = Int(MigrationStreamFormat.pageSize)
