@@ -239,6 +239,12 @@ async def test_tls_settings_are_checked(launch, pki, tmp_path):
         parameters = await execute(s, "query-migrate-parameters")
         assert parameters["tls-creds"] == "" and parameters["tls-hostname"] == "", parameters
         assert await execute(s, "object-del", {"id": "srv"}) == {}
+        # Older libvirt's spelling: the properties inside "props", booleans as JSON booleans.
+        assert await execute(s, "object-add", {"qom-type": "tls-creds-x509", "id": "legacy",
+                                               "props": {"dir": pki["client"], "endpoint": "client", "verify-peer": True}}) == {}
+        assert "duplicate" in await execute_error(s, "object-add", {"qom-type": "authz-simple", "id": "legacy",
+                                                                    "identity": SOURCE_IDENTITY})
+        assert await execute(s, "object-del", {"id": "legacy"}) == {}
         assert "not found" in await execute_error(s, "object-del", {"id": "srv"})
     bad_start = launch("bad", extra=["-object", f"tls-creds-x509,id=t,dir={tmp_path},endpoint=server"])
     bad_start.expect_exit = True

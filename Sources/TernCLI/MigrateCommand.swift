@@ -6,7 +6,7 @@ public enum MigrateCommand {
     public static let usage = """
     Usage: tern migrate --qmp SOCKET [--speed BYTES|unlimited] [--downtime MS]
                         [--capability NAME]... [--slo-downtime MS] [--slo-total-time MS]
-                        [--blk | --inc] [--report FILE] URI
+                        [--blk | --inc] [--tls-creds ID [--tls-hostname NAME]] [--report FILE] URI
 
     Starts a live migration on the tern (or QEMU) behind the QMP socket SOCKET, to URI
     (tcp:HOST:PORT, unix:PATH, exec:COMMAND, fd:NAME), shows its progress (pass, transferred
@@ -30,6 +30,11 @@ public enum MigrateCommand {
       --inc            copy only what was written to the disks since the source opened
                        them (inc: true); the destination holds the same base image
                        Without either, the disks are shared storage (the same path).
+      --tls-creds ID   over TLS, with the source's tls-creds-x509 object ID (created with
+                       -object or QMP object-add; the destination needs its own, endpoint=server,
+                       and tls-creds set before migrate-incoming; see docs/qmp.md)
+      --tls-hostname NAME  the name the destination's certificate must carry (default: the
+                       host in a tcp: URI)
       --report FILE    write an SVG picture of the migration (remaining bytes per pass,
                        bandwidth, dirty rate, throttle, switchover, forecast) to FILE
 
@@ -82,6 +87,12 @@ public enum MigrateCommand {
                 parameters[argument == "--slo-downtime" ? "x-slo-downtime" : "x-slo-total-time"] = .int(milliseconds)
             case "--blk", "--inc":
                 blockFlag = String(argument.dropFirst(2))
+            case "--tls-creds", "--tls-hostname":
+                guard let text = value(), !text.isEmpty else {
+                    printError("migrate: \(argument) needs a value, e.g. \(argument == "--tls-creds" ? "--tls-creds tls0" : "--tls-hostname dst.example.com")")
+                    return 2
+                }
+                parameters[String(argument.dropFirst(2))] = .string(text)
             case "--report":
                 guard let path = value() else { printError("migrate: --report needs a file name, e.g. --report migration.svg"); return 2 }
                 reportPath = path
