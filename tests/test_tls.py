@@ -194,13 +194,51 @@ async def test_plaintext_client_never_reaches_the_loader(launch, pki):
     while "refused a migration connection" not in dst.stderr_text() and time.monotonic() < deadline:
         time.sleep(0.1)
     stderr = dst.stderr_text()
-    assert "refused a migration connection: TLS handshake with the source failed" in stderr, dst.diagnostics()
+    assert "refused a migration connection: the source does not speak TLS" in stderr, dst.diagnostics()
     assert "incoming: loading" not in stderr, "the plaintext client reached the loader" + dst.diagnostics()
     async with session(src) as s:
         await add_client_creds(s, pki)
         info = await run_migration(s, src, uri, bandwidth=64 * MiB, parameters={"tls-creds": "tls0"})
         await check_completed(s, src, info)
     await compare_and_resume(src, dst)
+
+
+@asynctest
+async def test_source_without_tls_is_told_what_to_set(launch, pki):
+    """A tern source with no tls-creds against a TLS destination: the destination answers in the
+    clear with the return path's FAILED message, so the source's migrate fails saying what to
+    set (not a bare connection reset); its guest runs on and the destination keeps listening."""
+    uri = tcp_uri()
+    src = launch("src")
+    dst = await tls_destination(launch, pki, uri, authz=False)
+    async with session(src) as s:
+        info = await run_migration(s, src, uri, bandwidth=64 * MiB, wanted=("failed",), timeout=20)
+        assert "this destination takes migrations over TLS only: set tls-creds on the source" in info.get("error-desc", ""), info
+        await wait_status(s, src, "running")
+    async with session(dst) as d:
+        assert (await execute(d, "query-migrate")).get("status") == "setup"
+    assert "the source does not speak TLS" in dst.stderr_text(), dst.diagnostics()
+    assert not dst.passes(), dst.diagnostics()
+
+
+@asynctest
+async def test_tls_source_to_plaintext_destination(launch, pki):
+    """The other mismatch: a TLS source, a destination without tls-creds. The destination reads
+    the ClientHello as its stream, refuses it naming TLS (and exits, as any failed load does);
+    the source's migrate fails saying to set tls-creds on both sides, and its guest runs on."""
+    uri = tcp_uri()
+    src = launch("src")
+    dst = launch("dst", incoming=uri)
+    dst.expect_exit = True
+    async with session(src) as s:
+        await src.wait_passes(1)
+        await add_client_creds(s, pki)
+        assert await execute(s, "migrate-set-parameters", {"tls-creds": "tls0"}) == {}
+        error = await execute_error(s, "migrate", {"uri": uri})
+        assert "TLS handshake with the destination failed" in error and "set tls-creds on both sides" in error, error
+        await wait_status(s, src, "running")
+    assert await dst.wait_exit(timeout=10) == 1, dst.diagnostics()
+    assert "the source speaks TLS but this destination does not: set tls-creds here" in dst.stderr_text(), dst.diagnostics()
 
 
 @asynctest

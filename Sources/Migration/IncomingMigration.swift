@@ -97,6 +97,10 @@ final class IncomingMigration {
     private func loadStream(progress: (IncomingStatistics) -> Void) throws(MigrationStreamError) -> RunState {
         let magic = try reader.readBytes(MigrationStreamFormat.magic.count)
         guard magic == MigrationStreamFormat.magic else {
+            if magic.starts(with: [22, 3]) { // a TLS handshake record
+                throw MigrationStreamError("the source speaks TLS but this destination does not: set tls-creds here "
+                                           + "(a tls-creds-x509 object with endpoint=server) before migrate-incoming")
+            }
             throw MigrationStreamError("not a tern migration stream (bad magic)")
         }
         let version = try reader.read(UInt32.self)

@@ -63,7 +63,11 @@ final class TLSSession: ConnectionIO, @unchecked Sendable {
         do {
             try session.handshake(deadline: deadline) { SSL_connect($0) }
         } catch {
-            throw MigrationStreamError("TLS handshake with the destination failed: \(session.describe(error, peer: "destination", settings.hostname))")
+            var reason = session.describe(error, peer: "destination", settings.hostname)
+            if reason == "the peer closed the connection" || reason.contains("reset by peer") {
+                reason += " (a destination without tls-creds reads the handshake as a broken stream: set tls-creds on both sides)"
+            }
+            throw MigrationStreamError("TLS handshake with the destination failed: \(reason)")
         }
         var verdict: UInt8 = 0
         let count: Int
@@ -88,6 +92,7 @@ final class TLSSession: ConnectionIO, @unchecked Sendable {
     static func server(descriptor: Int32, settings: TLSServerSettings) throws(MigrationStreamError) -> TLSSession {
         let session = try TLSSession(descriptor: descriptor, context: settings.credentials.context)
         let deadline = Date().addingTimeInterval(handshakeSeconds)
+        try session.refusePlaintextPeer(deadline: deadline)
         do {
             try session.handshake(deadline: deadline) { SSL_accept($0) }
         } catch {
@@ -109,6 +114,34 @@ final class TLSSession: ConnectionIO, @unchecked Sendable {
         }
         if let refusal { throw refusal }
         return session
+    }
+
+    /// A TLS client's first byte is a handshake record's type, 22. A peer that starts with
+    /// anything else is not speaking TLS: most likely a tern source without `tls-creds`, which
+    /// would otherwise only see its connection reset. It gets the return path's FAILED message
+    /// with what to do, in the clear (it reads its return path in the clear), and is refused.
+    private func refusePlaintextPeer(deadline: Date) throws(MigrationStreamError) {
+        var waiting = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
+        while poll(&waiting, 1, Int32(max(0, deadline.timeIntervalSinceNow) * 1000)) < 0 && errno == EINTR {}
+        var first: UInt8 = 0
+        guard recv(descriptor, &first, 1, Int32(MSG_PEEK)) == 1, first != 22 else { return }
+        let reason = "this destination takes migrations over TLS only: set tls-creds on the source "
+            + "(a tls-creds-x509 object with endpoint=client)"
+        let message = ReturnPathMessage.failed(reason).encoded()
+        _ = message.withUnsafeBytes { Glibc.send(descriptor, $0.baseAddress!, $0.count, Int32(MSG_NOSIGNAL)) }
+        // Let the message go before the close: drain what the source already sent (a close with
+        // unread bytes would reset the connection, and the message with it).
+        _ = shutdown(descriptor, Int32(SHUT_WR))
+        var scratch = [UInt8](repeating: 0, count: 64 << 10)
+        let until = Date().addingTimeInterval(0.5)
+        while Date() < until {
+            var ready = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
+            guard poll(&ready, 1, 50) >= 0 else { break }
+            if ready.revents == 0 { continue }
+            if recv(descriptor, &scratch, scratch.count, 0) <= 0 { break }
+        }
+        lock.withLock { failed = true }
+        throw MigrationStreamError("the source does not speak TLS (its first byte is \(first), not a TLS record); told it to set tls-creds")
     }
 
     private func handshake(deadline: Date, _ call: (OpaquePointer) -> Int32) throws(MigrationStreamError) {
