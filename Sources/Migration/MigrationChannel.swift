@@ -129,6 +129,10 @@ final class MigrationStreamReader {
     private var start = 0
     private var end = 0
     private(set) var bytesRead: UInt64 = 0
+    /// How much a refill may take beyond what the caller needs. A record reader lowers it
+    /// while large records come, so that a record's header does not pull most of its body into
+    /// this buffer (to be copied out again) and the body is read straight to where it goes.
+    var readAhead = 256 << 10
 
     init(io: ConnectionIO) {
         self.io = io
@@ -139,10 +143,10 @@ final class MigrationStreamReader {
 
     static let endedEarly = MigrationStreamError("the migration stream ended early (truncated stream or the source went away)")
 
-    private func fill() throws(MigrationStreamError) {
+    private func fill(wanting: Int = 1) throws(MigrationStreamError) {
         start = 0
         end = 0
-        let capacity = buffer.count
+        let capacity = min(buffer.count, max(wanting, readAhead))
         let io = self.io
         let result = buffer.withUnsafeMutableBytes { raw -> Result<Int, MigrationStreamError> in
             do throws(MigrationStreamError) { return .success(try io.receive(into: raw.baseAddress!, count: capacity)) } catch {
@@ -174,7 +178,7 @@ final class MigrationStreamReader {
         }
         while done < count {
             if count - done < 64 << 10 {
-                try fill()
+                try fill(wanting: count - done)
                 let take = min(count - done, end - start)
                 buffer.withUnsafeBytes { (destination + done).copyMemory(from: $0.baseAddress! + start, byteCount: take) }
                 start += take

@@ -37,6 +37,12 @@ final class StreamRecordReader {
 
     var bytesRead: UInt64 { reader.bytesRead }
 
+    /// A body this long or longer is worth reading straight to its place.
+    static let largeRecord = 64 << 10
+    /// Read-ahead after a large record: the CRC, the next header and its placement prefix.
+    static let afterLargeRecord = 1 << 10
+    static let afterSmallRecord = 256 << 10
+
     func next() throws(MigrationStreamError) -> StreamRecord {
         let offset = reader.bytesRead
         let header = try reader.readBytes(StreamRecordFraming.headerSize)
@@ -77,6 +83,10 @@ final class StreamRecordReader {
             }
         }
         recordsRead += 1
+        // After a large record another usually follows: read ahead only a little, so that its
+        // body goes from the socket straight to its place (measured: the copy out of the read
+        // buffer was a quarter of the destination's CPU with 256 KiB records).
+        reader.readAhead = length >= Self.largeRecord ? Self.afterLargeRecord : Self.afterSmallRecord
         return StreamRecord(typeByte: header[0], flags: flags, section: section, streamOffset: offset)
     }
 
