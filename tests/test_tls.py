@@ -247,6 +247,10 @@ async def test_tls_settings_are_checked(launch, pki, tmp_path):
     src = launch("src")
     async with session(src) as s:
         await src.wait_passes(1)
+        # The types are listed as QEMU lists them (a client may look before it adds one).
+        types = await execute(s, "qom-list-types", {"implements": "tls-creds"})
+        assert [t["name"] for t in types] == ["tls-creds-x509"], types
+        assert "identity" in [p["name"] for p in await execute(s, "qom-list-properties", {"typename": "authz-simple"})]
         missing = await execute_error(s, "object-add", {"qom-type": "tls-creds-x509", "id": "bad", "dir": str(tmp_path),
                                                         "endpoint": "client"})
         assert f"Unable to access credentials {tmp_path}/ca-cert.pem" in missing, missing

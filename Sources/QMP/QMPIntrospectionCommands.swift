@@ -10,11 +10,16 @@ enum QMPIntrospectionCommands {
     static let types: [(name: String, parent: String)] = [
         ("pc-machine", "x86-machine"), ("none-machine", "machine"),
         ("isa-serial", "isa-device"), ("i8042", "isa-device"), ("kvm-accel", "accel"),
+        ("tls-creds-x509", "tls-creds"), ("authz-simple", "authz"),
     ]
 
     /// Properties of the types a client may add or set (`-device isa-serial,...`).
     static let properties: [String: [(name: String, type: String)]] = [
         "isa-serial": [("chardev", "str"), ("index", "uint32"), ("iobase", "uint32"), ("irq", "uint32")],
+        // The migration's TLS objects (object-add), with the properties tern reads.
+        "tls-creds-x509": [("dir", "str"), ("endpoint", "QCryptoTLSCredsEndpoint"), ("verify-peer", "bool"),
+                           ("sanity-check", "bool"), ("loaded", "bool")],
+        "authz-simple": [("identity", "str")],
     ]
 
     /// The options tern's command line takes with parameters, for `query-command-line-options`.

@@ -30,8 +30,6 @@ public final class TLSCredentials: @unchecked Sendable {
     public let endpoint: TLSEndpoint
     public let directory: String
     public let verifyPeer: Bool
-    /// The certificate this side shows, if it has one (a client's is optional).
-    public let certificatePath: String?
     let context: OpaquePointer
 
     public init(id: String, directory: String, endpoint: TLSEndpoint, verifyPeer: Bool = true,
@@ -63,7 +61,6 @@ public final class TLSCredentials: @unchecked Sendable {
             certificate = optional("client-cert.pem")
             key = certificate == nil ? nil : try require("client-key.pem")
         }
-        certificatePath = certificate
         guard let context = SSL_CTX_new(endpoint == .server ? TLS_server_method() : TLS_client_method()) else {
             throw TLSCredentialsError("OpenSSL could not create a TLS context: \(TLSError.takeText())")
         }

@@ -34,8 +34,6 @@ public final class TLSObjectRegistry: Sendable {
         objects.withLock { $0.removeValue(forKey: id) != nil }
     }
 
-    public func contains(_ id: String) -> Bool { objects.withLock { $0[id] != nil } }
-
     private func credentials(_ id: String, for endpoint: TLSEndpoint) throws(MigrationStreamError) -> TLSCredentials {
         guard case let .credentials(credentials)? = objects.withLock({ $0[id] }) else {
             throw MigrationStreamError("No TLS credentials with id '\(id)'")
