@@ -97,7 +97,7 @@ final class IncomingMigration {
     private func loadStream(progress: (IncomingStatistics) -> Void) throws(MigrationStreamError) -> RunState {
         let magic = try reader.readBytes(MigrationStreamFormat.magic.count)
         guard magic == MigrationStreamFormat.magic else {
-            if magic.starts(with: [22, 3]) { // a TLS handshake record
+            if magic.first == TLSSession.handshakeRecordType && magic.dropFirst().first == 3 { // a TLS ClientHello (version 3.x)
                 throw MigrationStreamError("the source speaks TLS but this destination does not: set tls-creds here "
                                            + "(a tls-creds-x509 object with endpoint=server) before migrate-incoming")
             }

@@ -256,8 +256,7 @@ public final class MigrationController: @unchecked Sendable {
         let connection: MigrationConnection
         let tls: TLSClientSettings?
         do {
-            let parameters = state.withLock { $0.parameters }
-            tls = try tlsObjects.clientSettings(credentials: parameters.tlsCreds, hostname: parameters.tlsHostname, uri: parsed)
+            tls = try outgoingTLS(to: parsed)
             connection = try MigrationConnection.connect(parsed, tls: tls, descriptorNamed: descriptorNamed)
         } catch {
             fail(error.message)
@@ -288,6 +287,12 @@ public final class MigrationController: @unchecked Sendable {
         }
         thread.name = "migration"
         thread.start()
+    }
+
+    /// The TLS the source's connections to `uri` use, from `tls-creds` and `tls-hostname` (nil: none).
+    private func outgoingTLS(to uri: MigrationURI) throws(MigrationStreamError) -> TLSClientSettings? {
+        let parameters = state.withLock { $0.parameters }
+        return try tlsObjects.clientSettings(credentials: parameters.tlsCreds, hostname: parameters.tlsHostname, uri: uri)
     }
 
     private func fail(_ reason: String) {
@@ -364,9 +369,7 @@ public final class MigrationController: @unchecked Sendable {
         let connection: MigrationConnection
         do {
             let parsed = try MigrationURI(parsing: uri)
-            let parameters = state.withLock { $0.parameters }
-            let tls = try tlsObjects.clientSettings(credentials: parameters.tlsCreds, hostname: parameters.tlsHostname, uri: parsed)
-            connection = try MigrationConnection.connect(parsed, tls: tls, descriptorNamed: descriptorNamed)
+            connection = try MigrationConnection.connect(parsed, tls: try outgoingTLS(to: parsed), descriptorNamed: descriptorNamed)
         } catch {
             throw MigrationError(error.message)
         }

@@ -18,8 +18,7 @@ extension MigrationController {
         let listener: IncomingListener
         let tls: TLSServerSettings?
         do {
-            let parameters = state.withLock { $0.parameters }
-            tls = try tlsObjects.serverSettings(credentials: parameters.tlsCreds, authorization: parameters.tlsAuthz)
+            tls = try incomingTLS()
             let parsed = try MigrationURI(parsing: uri)
             switch parsed {
             case .tcp, .unix: listener = try IncomingListener(uri: parsed)
@@ -40,6 +39,12 @@ extension MigrationController {
         }
         thread.name = "migration-recover"
         thread.start()
+    }
+
+    /// The TLS the destination's connections use, from `tls-creds` and `tls-authz` (nil: none).
+    private func incomingTLS() throws(MigrationStreamError) -> TLSServerSettings? {
+        let parameters = state.withLock { $0.parameters }
+        return try tlsObjects.serverSettings(credentials: parameters.tlsCreds, authorization: parameters.tlsAuthz)
     }
 
     /// Says who connected over TLS, and how (nothing for a plain connection).
@@ -79,10 +84,10 @@ extension MigrationController {
         }
         var listener: IncomingListener?
         var connection: MigrationConnection?
+        var handedOver: Int32?
         let tls: TLSServerSettings?
         do throws(MigrationStreamError) {
-            let parameters = state.withLock { $0.parameters }
-            tls = try tlsObjects.serverSettings(credentials: parameters.tlsCreds, authorization: parameters.tlsAuthz)
+            tls = try incomingTLS()
             if tls != nil, case .exec = parsed {
                 throw MigrationStreamError("TLS needs a socket: use a tcp:, unix: or fd: URI, not exec:")
             }
@@ -93,9 +98,9 @@ extension MigrationController {
                 connection = try MigrationConnection.spawn(command, sourceWrites: false)
             case let .descriptor(name):
                 if let number = Int32(name), number >= 0, fcntl(number, F_GETFD) >= 0 {
-                    connection = MigrationConnection(descriptor: number)
+                    handedOver = number
                 } else if let named = descriptorNamed(name) {
-                    connection = MigrationConnection(descriptor: named)
+                    handedOver = named
                 } else {
                     throw MigrationStreamError("File descriptor named '\(name)' has not been found")
                 }
@@ -113,16 +118,17 @@ extension MigrationController {
         log("incoming: waiting on \(uri)")
         if capability(.events) { observer(.statusChanged(.setup)) }
         let ready = connection
+        let socket = handedOver
         let waiting = listener
         let thread = Thread { [self] in
             do throws(MigrationStreamError) {
-                let refused: (String) -> Void = { [log] in log("incoming: \($0)") }
-                var channel: MigrationConnection
-                if let ready { channel = ready } else { channel = try waiting!.accept(tls: tls, log: refused) }
-                if let tls, let plain = ready {
-                    // fd: a socket handed over whole; its one peer must pass the handshake.
-                    channel = MigrationConnection(descriptor: plain.descriptor,
-                                                  io: try TLSSession.server(descriptor: plain.descriptor, settings: tls))
+                let channel: MigrationConnection
+                if let ready {
+                    channel = ready // exec:
+                } else if let socket {
+                    channel = try MigrationConnection.accepted(socket, tls: tls) // fd: its one peer
+                } else {
+                    channel = try waiting!.accept(tls: tls, log: { [log] in log("incoming: \($0)") })
                 }
                 logIncomingTLS(channel)
                 runIncoming(channel, listener: waiting, tls: tls)

@@ -132,6 +132,18 @@ final class MigrationConnection: @unchecked Sendable {
         }
     }
 
+    /// The destination's side of a connected socket (accepted, or handed over with `fd:`):
+    /// plain, or, with `tls`, once its peer has passed the handshake. A refused socket is closed.
+    static func accepted(_ fd: Int32, tls: TLSServerSettings?) throws(MigrationStreamError) -> MigrationConnection {
+        guard let tls else { return MigrationConnection(descriptor: fd) }
+        do {
+            return MigrationConnection(descriptor: fd, io: try TLSSession.server(descriptor: fd, settings: tls))
+        } catch {
+            Foundation.close(fd)
+            throw error
+        }
+    }
+
     /// Starts `/bin/sh -c command` with a pipe on its standard input (source) or output
     /// (destination).
     static func spawn(_ command: String, sourceWrites: Bool) throws(MigrationStreamError) -> MigrationConnection {
@@ -187,11 +199,9 @@ final class IncomingListener: @unchecked Sendable {
                 close()
                 throw MigrationStreamError("accepting the migration connection failed: \(String(cString: strerror(-fd)))")
             }
-            guard let tls else { return MigrationConnection(descriptor: fd) }
             do {
-                return MigrationConnection(descriptor: fd, io: try TLSSession.server(descriptor: fd, settings: tls))
+                return try MigrationConnection.accepted(fd, tls: tls)
             } catch {
-                Foundation.close(fd)
                 log("refused a migration connection: \(error.message)")
             }
         }
@@ -208,11 +218,9 @@ final class IncomingListener: @unchecked Sendable {
         }
         let fd = csocket_accept(descriptor)
         guard fd >= 0 else { throw MigrationStreamError("accepting a multifd channel failed: \(String(cString: strerror(-fd)))") }
-        guard let tls else { return MigrationConnection(descriptor: fd) }
         do {
-            return MigrationConnection(descriptor: fd, io: try TLSSession.server(descriptor: fd, settings: tls))
+            return try MigrationConnection.accepted(fd, tls: tls)
         } catch {
-            Foundation.close(fd)
             throw MigrationStreamError("multifd channel: \(error.message)")
         }
     }

@@ -27,6 +27,8 @@ final class TLSSession: ConnectionIO, @unchecked Sendable {
     static let handshakeSeconds: Double = 10
     static let accepted: UInt8 = 0x59 // "Y"
     static let refused: UInt8 = 0x4e // "N"
+    /// The first byte a TLS client sends: the type of a handshake record.
+    static let handshakeRecordType: UInt8 = 22
 
     private init(descriptor: Int32, context: OpaquePointer) throws(MigrationStreamError) {
         guard let ssl = SSL_new(context) else {
@@ -116,7 +118,7 @@ final class TLSSession: ConnectionIO, @unchecked Sendable {
         return session
     }
 
-    /// A TLS client's first byte is a handshake record's type, 22. A peer that starts with
+    /// A TLS client's first byte is a handshake record's type. A peer that starts with
     /// anything else is not speaking TLS: most likely a tern source without `tls-creds`, which
     /// would otherwise only see its connection reset. It gets the return path's FAILED message
     /// with what to do, in the clear (it reads its return path in the clear), and is refused.
@@ -124,7 +126,7 @@ final class TLSSession: ConnectionIO, @unchecked Sendable {
         var waiting = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
         while poll(&waiting, 1, Int32(max(0, deadline.timeIntervalSinceNow) * 1000)) < 0 && errno == EINTR {}
         var first: UInt8 = 0
-        guard recv(descriptor, &first, 1, Int32(MSG_PEEK)) == 1, first != 22 else { return }
+        guard recv(descriptor, &first, 1, Int32(MSG_PEEK)) == 1, first != Self.handshakeRecordType else { return }
         let reason = "this destination takes migrations over TLS only: set tls-creds on the source "
             + "(a tls-creds-x509 object with endpoint=client)"
         let message = ReturnPathMessage.failed(reason).encoded()
@@ -140,7 +142,6 @@ final class TLSSession: ConnectionIO, @unchecked Sendable {
             if ready.revents == 0 { continue }
             if recv(descriptor, &scratch, scratch.count, 0) <= 0 { break }
         }
-        lock.withLock { failed = true }
         throw MigrationStreamError("the source does not speak TLS (its first byte is \(first), not a TLS record); told it to set tls-creds")
     }
 
