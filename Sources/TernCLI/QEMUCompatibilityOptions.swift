@@ -15,7 +15,7 @@ extension RunOptions {
             case let type? where type.hasPrefix("memory-backend"):
                 throw CommandLineError("\(context): tern allocates guest RAM itself (-m, -mem-prealloc); it has no memory backends")
             default:
-                throw CommandLineError("\(context): tern has no '\(list.implied ?? "")' object (it accepts secret)")
+                throw CommandLineError("\(context): tern has no '\(list.implied ?? "")' object (it accepts secret, tls-creds-x509 and authz-simple)")
             }
         case "overcommit":
             let list = try QEMUOptionList(parsing: value, option: "overcommit", impliedKey: "")
